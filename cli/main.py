@@ -1,0 +1,64 @@
+"""The `dadpo` command: parses flags and calls the library; nothing else lives here.
+
+Installed as dadpo.cli (the folder is cli/ in the repository).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from dadpo.errors import DadpoError
+
+
+class _Group(click.Group):
+    """Bad input -> one line on stderr and exit 2, never a traceback."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except click.UsageError as exc:
+            where = f"dadpo {exc.ctx.info_name}: " if exc.ctx and exc.ctx.parent else "dadpo: "
+            click.echo(f"error: {where}{exc.format_message()}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except DadpoError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; finished shards and checkpoints are kept, re-run to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dadpo")
+def cli():
+    """Distil a large teacher LLM into a small student with daDPO.
+
+    \b
+    The workflow:
+      1. dadpo cache-teacher  score every pair once under the teacher and the reference
+      2. dadpo train          train the student from that cache (only the student is loaded)
+    Try `dadpo demo` for the whole pipeline on tiny local models.
+    """
+
+
+# Each module registers its subcommand(s) on `cli`.
+from dadpo.cli import cache_teacher, demo, train  # noqa: E402,F401
+
+
+def main() -> None:
+    cli.main(prog_name="dadpo")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Finding and loading models: HF hub ids or local folders, tokenizers, dtypes, weights digests.
+
+Every backend loads from the local folder this module resolves, so HF and vLLM read the same
+files, and the manifest can record exactly which weights produced the cached numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dadpo.errors import DadpoError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model id or path, pinned to a local folder and a revision."""
+
+    name: str  # what the user passed (hub id or path)
+    local_path: str  # folder holding config, weights, tokenizer
+    revision: str | None  # hub commit hash, when it came from the hub
+
+
+def resolve_model(name: str, revision: str | None = None, flag: str = "--model") -> ResolvedModel:
+    """Map a local folder or an HF hub id to a local folder (downloading it when allowed)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DadpoError(f"{flag} {name}: is a file, expected a model folder or a hub id")
+        if not (path / "config.json").is_file():
+            raise DadpoError(f"{flag} {name}: folder has no config.json, so it is not an HF model")
+        return ResolvedModel(name=name, local_path=str(path.resolve()), revision=revision)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise DadpoError(f"{flag} {name}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            name,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"],
+        )
+    except Exception as exc:  # hub errors are many types; the user needs one line
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DadpoError(f"{flag} {name}: no such folder, and not loadable from the HF hub ({first_line})")
+    # snapshot folders are named by the commit hash: that is the revision we record
+    return ResolvedModel(name=name, local_path=local, revision=Path(local).name)
+
+
+def load_tokenizer(model: ResolvedModel, trust_remote_code: bool = False, flag: str = "--model"):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.local_path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DadpoError(f"{flag} {model.name}: cannot load its tokenizer ({message})")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DadpoError(f"{flag} {model.name}: dadpo needs a fast (Rust) tokenizer, found a slow one")
+    return tokenizer
+
+
+def torch_dtype(name: str, flag: str = "--dtype"):
+    import torch
+
+    if name not in DTYPES:
+        raise DadpoError(f"{flag} {name}: unknown dtype; choose one of {', '.join(DTYPES)}")
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_causal_lm(model: ResolvedModel, dtype: str, trust_remote_code: bool = False, flag: str = "--model"):
+    """An HF causal LM in eval mode, with dropout off (log-probs must be deterministic)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            model.local_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except DadpoError:
+        raise
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DadpoError(f"{flag} {model.name}: cannot load the model ({message})")
+    return lm.eval()
+
+
+def resolved_dtype(model: ResolvedModel, dtype: str) -> str:
+    """The dtype actually used: 'auto' means the config's own dtype (float32 if it names none)."""
+    if dtype != "auto":
+        return dtype
+    config = json.loads((Path(model.local_path) / "config.json").read_text())
+    named = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(named).replace("torch.", "")
+
+
+def max_positions(model: ResolvedModel) -> int | None:
+    config = json.loads((Path(model.local_path) / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    return text_config.get("max_position_embeddings")
+
+
+def weights_digest(model: ResolvedModel) -> str:
+    """sha256 over the weight files' names and contents.
+
+    Hub snapshots store each large file as a symlink to a blob named by its own sha256, so
+    those cost nothing; other files are hashed once and remembered by (path, size, mtime).
+    """
+    folder = Path(model.local_path)
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
+    if not files:
+        raise DadpoError(f"model {model.name}: no weight files in {folder}")
+    outer = hashlib.sha256()
+    for file in files:
+        outer.update(file.name.encode() + b"\0" + _file_sha256(file).encode() + b"\n")
+    return outer.hexdigest()
+
+
+def _file_sha256(file: Path) -> str:
+    target = file.resolve()
+    if file.is_symlink() and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+        return target.name
+    stat = target.stat()
+    memo_path = Path(os.environ.get("DADPO_CACHE_HOME", Path.home() / ".cache" / "dadpo")) / "digests.json"
+    key = f"{target}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with open(target, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    memo[key] = digest.hexdigest()
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # the memo only saves time
+    return memo[key]

@@ -1,0 +1,287 @@
+"""Tiny random-init teacher/student models and synthetic preference pairs.
+
+No model can be downloaded in tests, the demo or benchmarks, so these helpers build small
+HF causal LMs locally. The two families deliberately differ in architecture (Llama vs
+Qwen3), tokenizer (byte-level BPE vs Metaspace BPE with byte fallback), BOS handling and
+chat template, so cross-tokenizer code paths get exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+
+# Bump when the build recipe changes, so cached demo models get rebuilt.
+_RECIPE_VERSION = 1
+_MARKER = "dadpo_tiny.json"
+
+# ChatML. Every message, assistant included, renders the same way, so the prompt rendered
+# with add_generation_prompt=True is a string prefix of prompt + answer.
+TEACHER_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Zephyr-like. The generation prompt ends with a space on purpose: tokenizing the prompt
+# alone yields a lone "▁" token that the full conversation merges into "▁Answer".
+STUDENT_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|assistant|> ' + message['content'] + eos_token + '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|> ' -}}{%- endif -%}"
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog.
+You are a helpful assistant. Answer the question briefly and correctly.
+What is 12 + 30? The answer is 42.
+Reverse the word 'apple'. The reversed word is elppa.
+How many letters are in the word banana? There are six letters.
+Write the word in upper case: CAFÉ, NAÏVE, HELLO, WORLD.
+Let me think step by step before I give the final answer.
+First, we add the tens. Then, we add the ones. Finally, we combine them.
+I am not sure, but I think the answer might be slightly different.
+She ordered a café au lait and a croissant at the little café.
+His naïve question made everyone smile; the résumé was déjà vu.
+日本語のテキストも少し含めます。東京は日本の首都です。
+Emoji are text too: 🙂 🚀 🎉 ❤️ 👍
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 100 1000.
+Punctuation matters: commas, periods. Questions? Exclamations! (parentheses) "quotes" 'single'.
+def add(a, b):
+    return a + b
+The teacher model writes a good answer; the student model writes a worse one.
+Distillation transfers knowledge from a large teacher to a small student.
+Preference pairs contain a prompt, a chosen answer and a rejected answer.
+Über, jalapeño, crème brûlée, piñata, smörgåsbord, façade.
+Repeat the phrase twice, separated by a space.
+Count the vowels in the word education. There are five vowels.
+Sort these numbers from smallest to largest: 9, 3, 7, 1.
+The capital of France is Paris. The capital of Japan is Tokyo.
+Hello! How can I help you today?
+Sure, here is the answer you asked for.
+Is that correct? Yes, that is correct. No, that is wrong.
+Thank you very much for your patience and your question.
+"""
+
+
+def _train_teacher_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # A non-None post-processor stops transformers from installing its own BOS/EOS one.
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    return tok, {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                 "extra_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+
+
+def _train_student_tokenizer():
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    chat = ["<|system|>", "<|user|>", "<|assistant|>"]
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tmp = Tokenizer(models.BPE(unk_token="<unk>"))
+    tmp.pre_tokenizer = metaspace
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials + chat, show_progress=False)
+    tmp.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+
+    # Llama/Mistral-style byte fallback: the trainer cannot add <0xXX> tokens as ordinary
+    # (non-special) vocab entries, so rebuild the BPE model with them inserted after the specials.
+    trained = json.loads(tmp.to_str())["model"]
+    order = sorted(trained["vocab"].items(), key=lambda kv: kv[1])
+    head = [t for t, _ in order[: len(specials + chat)]]
+    tail = [t for t, _ in order[len(specials + chat):]]
+    vocab = {t: i for i, t in enumerate(head + [f"<0x{b:02X}>" for b in range(256)] + tail)}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = metaspace
+    # No Fuse before Metaspace: Metaspace on one fused token drops every "▁" instead of mapping it to " ".
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="first")])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + chat])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return tok, {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+                 "extra_special_tokens": chat}
+
+
+def _build_tokenizer(family: str, model_max_length: int):
+    from transformers import PreTrainedTokenizerFast
+
+    backend, special = _train_teacher_tokenizer() if family == "teacher" else _train_student_tokenizer()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,  # keep decode an exact inverse of encode
+        **special,
+    )
+    tok.chat_template = TEACHER_CHAT_TEMPLATE if family == "teacher" else STUDENT_CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 128, num_layers: int = 2,
+                     num_heads: int = 2, intermediate_size: int = 256,
+                     max_position_embeddings: int = 512) -> pathlib.Path:
+    """Write a random-init causal LM + tokenizer for `family` ("teacher" or "student") to `out_dir`.
+
+    vLLM's CPU backend needs head_dim 64, i.e. hidden_size / num_heads == 64 (the defaults).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen3Config
+
+    if family not in ("teacher", "student"):
+        raise ValueError(f"family must be 'teacher' or 'student', got {family!r}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).unlink(missing_ok=True)  # a half-written folder must not look complete
+
+    tok = _build_tokenizer(family, max_position_embeddings)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    common = dict(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings,
+        dtype="float32", **ids,
+    )
+    if family == "teacher":
+        config = LlamaConfig(tie_word_embeddings=False, **common)
+        config.architectures = ["LlamaForCausalLM"]
+    else:
+        # Not Qwen2: transformers 5 forces Qwen2Tokenizer (byte-level, no BOS) on model_type
+        # "qwen2" whatever tokenizer_config.json says, which would discard our tokenizer.
+        config = Qwen3Config(tie_word_embeddings=True, **common)
+        config.architectures = ["Qwen3ForCausalLM"]
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / _MARKER).write_text(json.dumps(_build_args(family, seed, hidden_size, num_layers, num_heads,
+                                                      intermediate_size, max_position_embeddings), indent=2))
+    return out
+
+
+def _build_args(family, seed, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings):
+    return {"recipe_version": _RECIPE_VERSION, "family": family, "seed": seed, "hidden_size": hidden_size,
+            "num_layers": num_layers, "num_heads": num_heads, "intermediate_size": intermediate_size,
+            "max_position_embeddings": max_position_embeddings}
+
+
+def _is_built(out: pathlib.Path, args: dict) -> bool:
+    needed = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", _MARKER]
+    if not all((out / name).is_file() for name in needed):
+        return False
+    try:
+        return json.loads((out / _MARKER).read_text()) == args
+    except (OSError, ValueError):
+        return False
+
+
+def build_demo_models(root) -> tuple[pathlib.Path, pathlib.Path]:
+    """Build (or reuse) the demo teacher and student under `root`; returns (teacher_dir, student_dir)."""
+    root = pathlib.Path(root)
+    specs = [
+        ("teacher", dict(family="teacher", seed=1, hidden_size=256, num_heads=4, num_layers=4, intermediate_size=512)),
+        ("student", dict(family="student", seed=2)),
+    ]
+    dirs = []
+    for name, kw in specs:
+        full = {"seed": 0, "hidden_size": 128, "num_layers": 2, "num_heads": 2, "intermediate_size": 256,
+                "max_position_embeddings": 512, **kw}
+        out = root / name
+        if not _is_built(out, _build_args(**full)):
+            build_tiny_model(out, **full)
+        dirs.append(out)
+    return dirs[0], dirs[1]
+
+
+# ---------------------------------------------------------------- synthetic preference pairs
+
+_WORDS = ["apple", "banana", "café", "naïve", "jalapeño", "über", "crème", "日本語", "rocket🚀", "student", "teacher"]
+_FILLER = [
+    "Let me think step by step.",
+    "First, I read the question carefully.",
+    "This is a simple task, so the answer is short.",
+    "I checked the result twice to be sure.",
+    "Here is the final answer.",
+    "Thank you for the question!",
+    "The capital of Japan is Tokyo, but that is not relevant here.",
+    "Distillation transfers knowledge from a teacher to a student.",
+]
+_SYSTEMS = ["You are a helpful assistant.", "Answer briefly and correctly.", "Réponds en anglais, s'il te plaît."]
+
+
+def _task(rng: random.Random) -> tuple[str, str, str]:
+    """One (question, correct answer, slightly wrong answer) triple."""
+    kind = rng.randrange(5)
+    word = rng.choice(_WORDS)
+    if kind == 0:
+        good = word[::-1]
+        bad = good[1:] + good[0] if len(set(good)) > 1 else good + good[0]
+        return f"Reverse the word '{word}'.", good, bad
+    if kind == 1:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        return f"What is {a} + {b}?", str(a + b), str(a + b + rng.choice([-1, 1, 10]))
+    if kind == 2:
+        # Scripts without case (日本語) would make the "wrong" answer right: pick an English word.
+        word = rng.choice([w for w in _WORDS if w.upper() != w.capitalize()])
+        return f"Write '{word}' in upper case.", word.upper(), word.capitalize()
+    if kind == 3:
+        return f"How many characters are in '{word}'?", str(len(word)), str(len(word) + 1)
+    return f"Repeat '{word}' twice, separated by a space.", f"{word} {word}", word
+
+
+def _pad(rng: random.Random, answer: str) -> str:
+    """Wrap a bare answer in 0-7 filler sentences, so lengths range from one word to ~60 words."""
+    filler = rng.sample(_FILLER, rng.randint(0, 7))
+    cut = rng.randint(0, len(filler))
+    before, after = filler[:cut], filler[cut:]
+    return " ".join(before + [f"The answer is {answer}." if before or after else answer] + after)
+
+
+def make_tiny_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Deterministic TRL-style preference pairs: {id, prompt, chosen (teacher), rejected (student)}.
+
+    Prompts are plain strings or message lists (optionally with a system message or an earlier
+    exchange); answers are plain strings or a one-message assistant list, chosen at random.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        question, good, bad = _task(rng)
+        style = rng.randrange(4)  # 0-1: string prompt, 2: messages, 3: messages with an earlier exchange
+        if style < 2:
+            prompt = question
+        else:
+            prompt = [{"role": "user", "content": question}]
+            if style == 3:
+                q0, a0, _ = _task(rng)
+                prompt = [{"role": "user", "content": q0}, {"role": "assistant", "content": a0}] + prompt
+            if rng.random() < 0.5:
+                prompt = [{"role": "system", "content": rng.choice(_SYSTEMS)}] + prompt
+        row = {"id": f"tiny-{seed}-{i:05d}", "prompt": prompt}
+        for column, answer in (("chosen", good), ("rejected", bad)):
+            text = _pad(rng, answer)
+            row[column] = [{"role": "assistant", "content": text}] if rng.random() < 0.4 else text
+        pairs.append(row)
+    return pairs
