@@ -48,6 +48,23 @@ def tokenize_example(
     return _tokenize_plain(tokenizer, prompt, response, where)
 
 
+def encode_prompt(tokenizer, prompt: list[dict], chat: bool, where: str = "") -> list[int]:
+    """The prompt ids alone, exactly as tokenize_example makes them (for generation)."""
+    if chat:
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    _check_plain_prompt(prompt, where)
+    return list(tokenizer(prompt[0]["content"])["input_ids"])
+
+
+def _check_plain_prompt(prompt, where):
+    if len(prompt) != 1 or prompt[0]["role"] != "user":
+        raise DadpoError(
+            f"{where}: the prompt is a {len(prompt)}-message conversation but the model is used "
+            "without a chat template (plain mode takes a single user prompt)"
+        )
+
+
 def _tokenize_chat(tokenizer, prompt, response, where):
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     full_text = tokenizer.apply_chat_template(
@@ -67,11 +84,7 @@ def _tokenize_chat(tokenizer, prompt, response, where):
 
 
 def _tokenize_plain(tokenizer, prompt, response, where):
-    if len(prompt) != 1 or prompt[0]["role"] != "user":
-        raise DadpoError(
-            f"{where}: the prompt is a {len(prompt)}-message conversation but the model is used "
-            "without a chat template (plain mode takes a single user prompt)"
-        )
+    _check_plain_prompt(prompt, where)
     if tokenizer.eos_token_id is None:
         raise DadpoError(f"{where}: plain mode needs an eos token and the tokenizer has none")
     prompt_ids = tokenizer(prompt[0]["content"])["input_ids"]

@@ -200,7 +200,7 @@ def pair_losses(policy, rows: pl.DataFrame, tokenizer, cfg: TrainConfig, device)
     batch = collate(sequences, pad_id).to(device)
     logps = policy(batch)
     n = rows.height
-    cached = lambda name: torch.as_tensor(rows[name].to_numpy(), dtype=torch.float64, device=device)  # noqa: E731
+    cached = lambda name: torch.tensor(rows[name].to_numpy(), dtype=torch.float64, device=device)  # noqa: E731
     result = dadpo_loss(logps[:n], logps[n:], cached("ref_logp_chosen"), cached("ref_logp_rejected"),
                         cached("teacher_logp_chosen"), cached("teacher_logp_rejected"), cfg.beta1, cfg.beta2)
     return result, batch.num_tokens

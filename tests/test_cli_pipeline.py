@@ -1,0 +1,106 @@
+"""The CLI end to end as real subprocesses: cache-teacher, then train from the cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dadpo.cache import open_cache
+from dadpo.train import global_batch_rows, split_eval
+
+from conftest import assert_one_line_error, run_cli, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def cache_dir(models, pairs_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "cache"
+    result = run_cli("cache-teacher", "--pairs", pairs_file, "--teacher", models["teacher"],
+                     "--reference", models["student"], "--out", out, "--backend", "hf", "--dtype", "float32",
+                     "--shard-size", "16", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "40 pairs cached" in result.stdout and "complete" in result.stdout
+    return out
+
+
+def sequence_logprob(model, ids: list[int], start: int) -> float:
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return float(sum(logprobs[t - 1, ids[t]] for t in range(start, len(ids))))
+
+
+def test_first_logged_loss_equals_independent_computation(models, cache_dir, tmp_path):
+    """Policy start (student_b) differs from the reference (student): the step-1 loss must be the
+    daDPO loss of the policy's own log-probs against the cached reference and teacher scalars."""
+    run = tmp_path / "run"
+    beta1, beta2, batch, accum, seed = 0.5, 0.2, 4, 2, 7
+    result = run_cli("train", "--cache", cache_dir, "--out", run, "--model", models["student_b"],
+                     "--beta1", beta1, "--beta2", beta2, "--lr", "1e-3", "--batch-size", batch,
+                     "--grad-accum", accum, "--max-steps", 2, "--seed", seed, "--eval-fraction", 0.1, "--quiet")
+    assert result.returncode == 0, result.stderr
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    for key in ("loss", "margin", "reward_accuracy", "lr", "grad_norm", "tokens_per_s"):
+        assert all(math.isfinite(s[key]) for s in steps), key
+
+    # Independently: the same rows (documented selection), the policy's log-probs, the formula.
+    train_rows, _ = split_eval(open_cache(cache_dir).read(), 0.1)
+    rows = global_batch_rows(train_rows, step=0, global_batch=batch * accum, steps_per_epoch=10**9, seed=seed)
+    policy = AutoModelForCausalLM.from_pretrained(models["student_b"], dtype=torch.float32).eval()
+    losses = []
+    for row in rows.iter_rows(named=True):
+        prompt = row["ref_prompt_ids"]
+        h_policy = (sequence_logprob(policy, prompt + row["ref_chosen_ids"], len(prompt))
+                    - sequence_logprob(policy, prompt + row["ref_rejected_ids"], len(prompt)))
+        h_ref = row["ref_logp_chosen"] - row["ref_logp_rejected"]
+        h_teacher = row["teacher_logp_chosen"] - row["teacher_logp_rejected"]
+        u = beta1 * (h_policy - h_ref) + beta2 * (h_policy - h_teacher)
+        losses.append(math.log1p(math.exp(-u)))
+    assert steps[0]["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert abs(steps[0]["loss"] - math.log(2)) > 1e-3  # the policy really differs from the reference
+
+    # The checkpoint is a plain HF model + tokenizer.
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert AutoTokenizer.from_pretrained(run / "model").chat_template
+    assert not torch.equal(reloaded.lm_head.weight, policy.lm_head.weight)  # it trained
+    eval_metrics = json.loads((run / "eval.json").read_text())
+    assert eval_metrics["eval_pairs"] > 0 and math.isfinite(eval_metrics["eval_loss"])
+
+
+def test_train_refuses_a_model_with_another_tokenizer(models, cache_dir, tmp_path):
+    result = run_cli("train", "--cache", cache_dir, "--out", tmp_path / "r", "--model", models["teacher"], "--quiet")
+    assert_one_line_error(result, "--model", "tokenizer", "differs from the cache's reference")
+
+
+def test_train_refuses_both_betas_zero(cache_dir, tmp_path):
+    result = run_cli("train", "--cache", cache_dir, "--out", tmp_path / "r", "--beta1", 0, "--beta2", 0)
+    assert_one_line_error(result, "beta1 and beta2 are both 0")
+
+
+BAD_PAIRS = {
+    "missing column": ([{"prompt": "p", "chosen": "c", "reject": "r"}], ["missing column 'rejected'", "reject"]),
+    "empty response": ([{"id": "a", "prompt": "p", "chosen": "c", "rejected": "r"},
+                        {"id": "b", "prompt": "p", "chosen": "  ", "rejected": "r"}], ["line 2", "'b'", "'chosen' is empty"]),
+    "prompt neither string nor messages": ([{"id": "z", "prompt": 42, "chosen": "c", "rejected": "r"}],
+                                           ["line 1", "'prompt' must be a string or a list"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAIRS))
+def test_bad_pairs_get_one_line(models, tmp_path, case):
+    rows, fragments = BAD_PAIRS[case]
+    pairs = write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = run_cli("cache-teacher", "--pairs", pairs, "--teacher", models["teacher"], "--reference",
+                     models["student"], "--out", tmp_path / "cache", "--backend", "hf")
+    assert_one_line_error(result, "bad.jsonl", *fragments)
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_unknown_backend(models, pairs_file, tmp_path):
+    result = run_cli("cache-teacher", "--pairs", pairs_file, "--teacher", models["teacher"], "--reference",
+                     models["student"], "--out", tmp_path / "cache", "--backend", "tensorrt")
+    assert_one_line_error(result, "--backend tensorrt", "unknown backend")
