@@ -22,9 +22,12 @@ import polars as pl
 import pyarrow as pa
 
 from dadpo.errors import DadpoError
+from dadpo.specs import load_spec
 
-REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
-ALLOWED_ROLES = ("system", "user", "assistant", "tool")
+# The format's rules come from its versioned spec (data_specs/pairs.v1.schema.json).
+_SPEC = load_spec("pairs.v1.schema.json")
+REQUIRED_COLUMNS = tuple(_SPEC["required"])
+ALLOWED_ROLES = tuple(_SPEC["$defs"]["message"]["properties"]["role"]["enum"])
 _ABSENT = object()  # a JSON row without the key, told apart from an explicit null
 _decode = json.JSONDecoder().decode
 _canonical_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode

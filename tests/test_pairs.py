@@ -282,3 +282,31 @@ def test_unreadable_sources(tmp_path):
     ds = datasets.Dataset.from_list(as_conversational(ROWS))
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "no_train"))
     raises(tmp_path / "no_train", "no_train: a DatasetDict with splits test and no 'train' split")
+
+
+# ---- the code and the published schema (data_specs/pairs.v1.schema.json) agree ---------------
+
+SCHEMA_CASES = [
+    ({"prompt": "p", "chosen": "c", "rejected": "r"}, True),
+    ({"id": 3, "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+      "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r", "extra": 1}, True),
+    ({"prompt": "p", "chosen": "c"}, False),
+    ({"prompt": 42, "chosen": "c", "rejected": "r"}, False),
+    ({"prompt": [{"role": "robot", "content": "u"}], "chosen": "c", "rejected": "r"}, False),
+    ({"prompt": [{"role": "user", "content": ["x"]}], "chosen": "c", "rejected": "r"}, False),
+    ({"prompt": "p", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"}, False),
+]
+
+
+@pytest.mark.parametrize("row,valid", SCHEMA_CASES)
+def test_loader_and_schema_agree(tmp_path, row, valid):
+    from dadpo.specs import load_spec, schema_errors
+
+    assert (schema_errors(row, load_spec("pairs.v1.schema.json")) == []) is valid
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    if valid:
+        assert len(load_pairs(path)) == 1
+    else:
+        with pytest.raises(DadpoError):
+            load_pairs(path)
