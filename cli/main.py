@@ -5,6 +5,7 @@ Installed as dadpo.cli (the folder is cli/ in the repository).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -53,12 +54,21 @@ def cli():
 
 
 # Each module registers its subcommand(s) on `cli`.
-from dadpo.cli import cache_teacher, demo, train  # noqa: E402,F401
+from dadpo.cli import cache_teacher, demo, generate, inspect, train  # noqa: E402,F401
 
 
 def main() -> None:
+    # dadpo draws its own progress bars; transformers' per-load bars and advisories are noise
+    # (and would break the one-line-error rule when loading fails).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cli.main(prog_name="dadpo")
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m dadpo.cli.main` runs this file as __main__, a second copy of the module; the
+    # subcommands registered themselves on the imported dadpo.cli.main.cli, so run that one.
+    from dadpo.cli.main import main as _main
+
+    _main()
