@@ -1,8 +1,9 @@
 """The cache manifest (data_specs/cache.v1.md): what produced the numbers, and which shards exist.
 
-manifest.json is only ever replaced whole (write to a temporary name, fsync, rename), under an
-advisory lock on CACHE/.lock, so any number of uncoordinated workers can record their shards
-into one folder and a reader never sees a half-written manifest.
+manifest.json is only ever replaced whole (dadpo.atomic), under an advisory lock (flock) on
+CACHE/.lock, so any number of uncoordinated workers can record their shards into one folder and a
+reader never sees a half-written manifest. On a shared filesystem flock must work across nodes
+(NFSv4 does; Lustre needs the `flock` mount option).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 from pathlib import Path
 
 from dadpo import __version__
+from dadpo.atomic import write_json_atomic, write_text_atomic
 from dadpo.errors import DadpoError
 from dadpo.specs import validate_json
 
@@ -24,8 +25,9 @@ DROPPED_NAME = "dropped_ids.txt"
 # What must match for cached numbers to be comparable: (key path, label for the message).
 GUARDED = [
     (("schema_version",), "schema version"),
-    (("pairs", "fingerprint"), "pairs fingerprint"),
+    (("pairs", "fingerprint"), "pairs content (fingerprint)"),
     (("pairs", "rows"), "number of pairs"),
+    (("pairs", "extra_columns"), "pairs extra columns"),
     (("shard_size",), "shard size"),
     (("length_rule", "max_length"), "max length"),
     (("length_rule", "on_overlong"), "on-overlong rule"),
@@ -93,42 +95,52 @@ def read_manifest(cache_dir: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DadpoError(f"{path}: unreadable manifest ({exc})")
+        raise DadpoError(f"{path}: unreadable manifest ({' '.join(str(exc).split())})") from None
+    if not isinstance(manifest, dict):
+        raise DadpoError(f"{path}: not a dadpo manifest (expected a JSON object)")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DadpoError(
             f"{path}: cache schema version {manifest.get('schema_version')!r}, this dadpo reads {SCHEMA_VERSION}"
         )
+    check_shard_entries(manifest, path)
     validate_json(manifest, "manifest.v1.schema.json", where=str(path))
     return manifest
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+def expected_shard_file(index: int, num_shards: int) -> str:
+    return f"shards/shard-{index:05d}-of-{num_shards:05d}.parquet"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def check_shard_entries(manifest: dict, where: Path) -> None:
+    """Each shard entry names exactly the file its index implies, so a reader only ever opens
+    CACHE/shards/shard-K-of-N.parquet: an edited manifest cannot point outside the folder."""
+    num_shards, shards = manifest.get("num_shards"), manifest.get("shards")
+    if not isinstance(num_shards, int) or not isinstance(shards, list):
+        return  # the schema check that follows names what is wrong
+    seen = set()
+    for position, entry in enumerate(shards):
+        index = entry.get("index") if isinstance(entry, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_shards:
+            raise DadpoError(f"{where}: shards[{position}] has index {index!r}, expected 0..{num_shards - 1}")
+        if index in seen:
+            raise DadpoError(f"{where}: shard {index} is listed twice")
+        seen.add(index)
+        expected = expected_shard_file(index, num_shards)
+        if entry.get("file") != expected:
+            raise DadpoError(f"{where}: shard {index} names file {entry.get('file')!r}, expected {expected!r} "
+                             "(shard files must stay inside the cache folder)")
 
 
 @contextlib.contextmanager
 def locked(cache_dir: Path):
     """Exclusive advisory lock for read-modify-write of the manifest."""
-    with open(Path(cache_dir) / ".lock", "a") as handle:
+    try:
+        handle = open(Path(cache_dir) / ".lock", "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError as exc:
+        raise DadpoError(f"{cache_dir}: cannot lock .lock ({exc.strerror or exc}); the filesystem must support "
+                         "flock") from None
+    with handle:
         try:
             yield
         finally:
@@ -136,12 +148,21 @@ def locked(cache_dir: Path):
 
 
 def record_shard(cache_dir: Path, entry: dict) -> dict:
-    """Add (or replace) one finished shard's entry and rewrite manifest and dropped-ids file."""
+    """Add (or replace) one finished shard's entry; the last shard recorded marks the cache complete."""
+    return _update_shards(cache_dir, lambda shards: {**shards, entry["index"]: entry})
+
+
+def forget_shard(cache_dir: Path, index: int) -> dict:
+    """Remove one shard's entry (its file failed verification and will be recomputed)."""
+    return _update_shards(cache_dir, lambda shards: {k: v for k, v in shards.items() if k != index})
+
+
+def _update_shards(cache_dir: Path, change) -> dict:
+    # Read-modify-write under the lock, so concurrent workers never lose each other's shards.
     cache_dir = Path(cache_dir)
     with locked(cache_dir):
         manifest = read_manifest(cache_dir)
-        shards = {s["index"]: s for s in manifest["shards"]}
-        shards[entry["index"]] = entry
+        shards = change({s["index"]: s for s in manifest["shards"]})
         manifest["shards"] = [shards[i] for i in sorted(shards)]
         manifest["totals"] = {
             "rows": sum(s["rows"] for s in manifest["shards"]),
@@ -149,10 +170,17 @@ def record_shard(cache_dir: Path, entry: dict) -> dict:
             "shards_done": len(manifest["shards"]),
         }
         manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
-        dropped = [pair_id for s in manifest["shards"] for pair_id in s["dropped_ids"]]
-        write_text_atomic(cache_dir / DROPPED_NAME, "".join(f"{pair_id}\n" for pair_id in dropped))
+        # dropped_ids.txt first: a crash between the two writes leaves the shard unrecorded,
+        # and the re-run that records it rewrites both.
+        write_dropped_ids(cache_dir, manifest)
         write_json_atomic(manifest_path(cache_dir), manifest)
         return manifest
+
+
+def write_dropped_ids(cache_dir: Path, manifest: dict) -> None:
+    """CACHE/dropped_ids.txt: the ids the length rule dropped, one a line, in pair order."""
+    dropped = [pair_id for s in manifest["shards"] for pair_id in s["dropped_ids"]]
+    write_text_atomic(Path(cache_dir) / DROPPED_NAME, "".join(f"{pair_id}\n" for pair_id in dropped))
 
 
 def missing_shards(manifest: dict) -> list[int]:

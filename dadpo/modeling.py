@@ -6,6 +6,7 @@ files, and the manifest can record exactly which weights produced the cached num
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,17 @@ class ResolvedModel:
     name: str  # what the user passed (hub id or path)
     local_path: str  # folder holding config, weights, tokenizer
     revision: str | None  # hub commit hash, when it came from the hub
+    from_hub: bool = False
+
+    @property
+    def record_name(self) -> str:
+        """How the manifest names it: the hub id, or the absolute folder (valid from any cwd)."""
+        return self.name if self.from_hub else self.local_path
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
 def resolve_model(name: str, revision: str | None = None, flag: str = "--model") -> ResolvedModel:
@@ -47,30 +59,87 @@ def resolve_model(name: str, revision: str | None = None, flag: str = "--model")
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"],
         )
     except Exception as exc:  # hub errors are many types; the user needs one line
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DadpoError(f"{flag} {name}: no such folder, and not loadable from the HF hub ({first_line})")
+        raise DadpoError(f"{flag} {name}: no such folder, and not loadable from the HF hub ({_first_line(exc)})") from None
     # snapshot folders are named by the commit hash: that is the revision we record
-    return ResolvedModel(name=name, local_path=local, revision=Path(local).name)
+    return ResolvedModel(name=name, local_path=local, revision=Path(local).name, from_hub=True)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def refuse_remote_code(model: ResolvedModel, trust_remote_code: bool, flag: str) -> None:
+    """Custom model code (config.json auto_map, for a model type transformers does not know)
+    runs only with --trust-remote-code. Say so in one line before transformers is asked."""
+    if trust_remote_code:
+        return
+    try:
+        config = json.loads((Path(model.local_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DadpoError(f"{flag} {model.name}: unreadable config.json ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise DadpoError(f"{flag} {model.name}: config.json is not a JSON object")
+    if config.get("auto_map"):
+        from transformers import CONFIG_MAPPING
+
+        if config.get("model_type") not in CONFIG_MAPPING:
+            raise DadpoError(
+                f"{flag} {model.name}: the model ships its own code (auto_map in config.json, model type "
+                f"{config.get('model_type')!r}); dadpo runs it only if you pass --trust-remote-code"
+            )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    # Loading prints a "Loading weights" bar per model: noise in logs, and it would break the
+    # one-line error rule when a later step fails. Warnings and errors still show.
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def check_model_folder(model: ResolvedModel, trust_remote_code: bool, flag: str) -> None:
+    """The cheap checks, before anything heavy is imported: a tokenizer is there, and custom
+    code is not about to run without --trust-remote-code."""
+    folder = Path(model.local_path)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise DadpoError(f"{flag} {model.name}: no tokenizer in {folder} (expected tokenizer.json or "
+                         "tokenizer_config.json next to config.json)")
+    refuse_remote_code(model, trust_remote_code, flag)
 
 
 def load_tokenizer(model: ResolvedModel, trust_remote_code: bool = False, flag: str = "--model"):
+    check_model_folder(model, trust_remote_code, flag)
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model.local_path, trust_remote_code=trust_remote_code)
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(model.local_path, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DadpoError(f"{flag} {model.name}: cannot load its tokenizer ({message})")
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise DadpoError(f"{flag} {model.name}: its tokenizer needs custom code from the model folder; "
+                             "dadpo runs it only if you pass --trust-remote-code") from None
+        raise DadpoError(f"{flag} {model.name}: cannot load its tokenizer ({_first_line(exc)})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise DadpoError(f"{flag} {model.name}: dadpo needs a fast (Rust) tokenizer, found a slow one")
     return tokenizer
 
 
+def check_dtype(name: str, flag: str = "--dtype") -> None:
+    """Validate a dtype name without importing torch (flag errors should come fast)."""
+    if name not in DTYPES:
+        raise DadpoError(f"{flag} {name}: unknown dtype; choose one of {', '.join(DTYPES)}")
+
+
 def torch_dtype(name: str, flag: str = "--dtype"):
     import torch
 
-    if name not in DTYPES:
-        raise DadpoError(f"{flag} {name}: unknown dtype; choose one of {', '.join(DTYPES)}")
+    check_dtype(name, flag)
     return "auto" if name == "auto" else getattr(torch, name)
 
 
@@ -78,15 +147,16 @@ def load_causal_lm(model: ResolvedModel, dtype: str, trust_remote_code: bool = F
     """An HF causal LM in eval mode, with dropout off (log-probs must be deterministic)."""
     from transformers import AutoModelForCausalLM
 
+    refuse_remote_code(model, trust_remote_code, flag)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(
-            model.local_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
-        )
+        with _quiet_transformers():
+            lm = AutoModelForCausalLM.from_pretrained(
+                model.local_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+            )
     except DadpoError:
         raise
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DadpoError(f"{flag} {model.name}: cannot load the model ({message})")
+        raise DadpoError(f"{flag} {model.name}: cannot load the model ({_first_line(exc)})") from None
     return lm.eval()
 
 
