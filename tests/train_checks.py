@@ -1,0 +1,89 @@
+"""Helpers shared by the training tests (tests/test_train_*.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import REPO, run_cli
+
+# One intra-op thread per process: on a loaded 2-core machine more threads only contend.
+ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+_SHARED: dict[str, Path] = {}
+
+
+def shared_cache(tmp_path_factory, models, pairs_file) -> Path:
+    """One tiny cache (teacher = tiny Llama, reference = tiny Qwen3 student) for all training tests
+    in the session. Tests read it and never change it."""
+    if "cache" not in _SHARED:
+        out = tmp_path_factory.mktemp("train-cache") / "cache"
+        result = run_cli("cache-teacher", "--pairs", pairs_file, "--teacher", models["teacher"], "--reference",
+                         models["student"], "--out", out, "--backend", "hf", "--dtype", "float32", "--shard-size",
+                         "16", "--quiet", env=ENV)
+        assert result.returncode == 0, result.stderr
+        _SHARED["cache"] = out
+    return _SHARED["cache"]
+
+
+def train_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = run_cli("train", *args, "--quiet", env={**ENV, **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """`dadpo ARGS...` as a subprocess that keeps running."""
+    return subprocess.Popen([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], cwd=REPO,
+                            env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 180) -> bool:
+    """SIGKILL `process` as soon as ready() holds (polled every 5 ms). True if it was killed while
+    running, False if it had exited by itself first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            process.communicate()
+            return False
+        if ready():
+            process.kill()
+            process.communicate()
+            return True
+        time.sleep(0.005)
+    process.kill()
+    raise AssertionError(f"the condition to kill at never came: {process.communicate()[1][-2000:]}")
+
+
+def metrics(run: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / name).read_text().splitlines() if line.strip()]
+
+
+def assert_same_steps(got: list[dict], want: list[dict], keys=("loss", "margin", "reward_accuracy", "lr"),
+                      tolerance: float = 1e-6) -> None:
+    assert [s["step"] for s in got] == [s["step"] for s in want]
+    for a, b in zip(got, want):
+        for key in keys:
+            assert abs(a[key] - b[key]) <= tolerance * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])
+
+
+def sequence_logprob(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """log p(response | prompt) from a plain full-vocabulary forward pass on one sequence."""
+    ids = prompt_ids + response_ids
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return float(sum(logprobs[t - 1, ids[t]] for t in range(len(prompt_ids), len(ids))))
+
+
+def single_thread():
+    """For an autouse fixture: in-process training on one intra-op thread, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
