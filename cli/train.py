@@ -72,6 +72,9 @@ _DADPO_OPTIONS = [
                       "[default: the cache's reference]"),
     click.option("--logp-norm", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
                  help="mean: divide each model's log-prob by its own token count (length-normalised variant)."),
+    click.option("--start-check", type=int, default=16, show_default=True,
+                 help="Pairs re-scored before step 1 with the policy, against the cached reference log-probs: "
+                      "drift (nats) and the step-0 mean implicit reward, in RUN/start_check.json. 0: off."),
 ]
 
 

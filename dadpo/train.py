@@ -47,6 +47,7 @@ class TrainConfig(LoopConfig):
     beta1: float = 0.1
     beta2: float = 0.01
     logp_norm: str = "sum"  # sum: sentence log-probs; mean: divided by each model's own token count
+    start_check: int = 16  # pairs re-scored at step 0 against the cached reference (0: off)
 
 
 @dataclass
@@ -68,8 +69,12 @@ def train(cfg: TrainConfig) -> dict:
     rows = cache.read(CACHED_COLUMNS)
     train_rows, eval_rows = split_eval(rows, cfg.eval_fraction)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    objective = dadpo_objective(cfg, pad_id)
+    if cfg.start_check:
+        objective.start_check = reference_check(rows.sample(n=min(cfg.start_check, rows.height), seed=cfg.seed),
+                                                cfg, pad_id)
     return run_training(cfg, model=model, tokenizer=tokenizer, train_rows=train_rows, eval_rows=eval_rows,
-                        objective=dadpo_objective(cfg, pad_id),
+                        objective=objective,
                         record={"model": model.name, "cache_fingerprint": cache_fingerprint(cache)})
 
 
@@ -118,6 +123,23 @@ def dadpo_objective(cfg: TrainConfig, pad_id: int) -> Objective:
         return StepOutput(result.losses.sum(), metric_sums(result), batch.responses.num_tokens)
 
     return Objective(metric_names=METRIC_NAMES, prepare=prepare, compute=compute, unit="pairs")
+
+
+def reference_check(rows: pl.DataFrame, cfg: TrainConfig, pad_id: int):
+    """Step-0 check: re-score `rows` with the policy as loaded (the trainer's own forward pass and
+    dtype) and compare with the cached reference log-probs (dadpo.verify). When training starts
+    from the reference, the drift is the cache's own error and the mean implicit reward against
+    the reference is ~0; a large value means another engine or dtype disagrees with training."""
+    from dadpo.verify import describe, reference_drift
+
+    def check(policy, device) -> dict:
+        drift = reference_drift(policy, rows, pad_id, device, batch_size=cfg.batch_size)
+        reward = cfg.beta1 * drift.get("signed_mean", 0.0)
+        message = (f"start check, policy vs cached reference on {drift['pairs']} pairs: {describe(drift)}; "
+                   f"step-0 mean implicit reward vs reference {reward:+.3g}")
+        return {**drift, "step0_mean_implicit_reward_vs_reference": reward, "message": message}
+
+    return check
 
 
 def pair_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, cached: torch.Tensor,

@@ -159,6 +159,9 @@ class Objective:
     normalizer: Callable[[pl.DataFrame], float] = _count
     finalize: Callable[[dict[str, float]], dict[str, float]] = per_item_means
     unit: str = "rows"  # what a row is, for summary keys: train_<unit>, eval_<unit>
+    # Optional sanity check on the freshly loaded policy (not on resume): (policy, device) ->
+    # {"message": one line, ...}; written to RUN/start_check.json, printed, kept in the summary.
+    start_check: Callable[[Any, torch.device], dict] | None = None
 
 
 # ---------------------------------------------------------------- data order
@@ -364,6 +367,12 @@ def run_training(cfg: LoopConfig, *, model: ResolvedModel, tokenizer, train_rows
         inner = accelerator.unwrap_model(policy)
         check_packing(policy, _probe_sequences(inner.model.config.vocab_size), accelerator.device, model.name, inner)
     start_step = ckpt.load_training_state(start, optimizer, scheduler, accelerator.process_index) if start else 0
+    start_check = None
+    if objective.start_check is not None and start_step == 0:
+        start_check = objective.start_check(policy, accelerator.device)  # every process: FSDP gathers weights
+        if accelerator.is_main_process:
+            (out / "start_check.json").write_text(json.dumps(start_check, indent=2))
+            print(start_check["message"], flush=True)
 
     log = _RunLog(out, cfg, accelerator.is_main_process, start_step)
 
@@ -404,7 +413,7 @@ def run_training(cfg: LoopConfig, *, model: ResolvedModel, tokenizer, train_rows
     saved = ckpt.save_final(accelerator, policy, tokenizer, out, cfg, model)
     summary = {"steps": total_steps, f"train_{objective.unit}": train_rows.height,
                f"eval_{objective.unit}": eval_rows.height, "final_train": last, "eval": eval_metrics,
-               "model_dir": str(saved), "resumed_from_step": start_step or None,
+               "model_dir": str(saved), "resumed_from_step": start_step or None, "start_check": start_check,
                "main_process": accelerator.is_main_process}
     if accelerator.is_main_process:
         (out / "eval.json").write_text(json.dumps(eval_metrics, indent=2))

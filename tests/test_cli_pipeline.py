@@ -62,6 +62,8 @@ def test_first_logged_loss_equals_independent_computation(models, cache_dir, tmp
         losses.append(math.log1p(math.exp(-u)))
     assert steps[0]["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
     assert abs(steps[0]["loss"] - math.log(2)) > 1e-3  # the policy really differs from the reference
+    check = json.loads((run / "start_check.json").read_text())
+    assert check["seq_mean"] > 0.1  # another policy: the start check shows it
 
     # The checkpoint is a plain HF model + tokenizer.
     reloaded = AutoModelForCausalLM.from_pretrained(run / "model")
@@ -69,6 +71,19 @@ def test_first_logged_loss_equals_independent_computation(models, cache_dir, tmp
     assert not torch.equal(reloaded.lm_head.weight, policy.lm_head.weight)  # it trained
     eval_metrics = json.loads((run / "eval.json").read_text())
     assert eval_metrics["eval_pairs"] > 0 and math.isfinite(eval_metrics["eval_loss"])
+
+
+def test_start_check_from_the_reference_is_zero_drift(cache_dir, tmp_path):
+    """Starting at the reference (the default --model), the trainer's forward pass reproduces the
+    cached reference log-probs, and the step-0 implicit reward against the reference is ~0."""
+    run = tmp_path / "run"
+    result = run_cli("train", "--cache", cache_dir, "--out", run, "--max-steps", 1, "--batch-size", 4,
+                     "--grad-accum", 1, "--start-check", 6, "--quiet")
+    assert result.returncode == 0, result.stderr
+    check = json.loads((run / "start_check.json").read_text())
+    assert check["pairs"] == 6 and check["sequences"] == 12
+    assert check["seq_max"] < 1e-5 and abs(check["step0_mean_implicit_reward_vs_reference"]) < 1e-6
+    assert "start check, policy vs cached reference on 6 pairs" in result.stdout
 
 
 def test_train_refuses_a_model_with_another_tokenizer(models, cache_dir, tmp_path):
