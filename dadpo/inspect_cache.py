@@ -1,0 +1,147 @@
+"""`dadpo inspect`: what a cache holds, before spending GPU hours training on it.
+
+Reads a finished cache (dadpo.cache.open_cache checks the manifest; every shard's checksum and
+row count are verified on read) and reports rows, token counts, dropped pairs, and the
+distributions of the per-pair margins the loss is built from:
+
+    h_te   = teacher_logp_chosen - teacher_logp_rejected    (how much the teacher prefers y_t)
+    h_ref  = ref_logp_chosen     - ref_logp_rejected        (how much the dSFT student does)
+    d_te   = h_te - h_ref                                   (the teacher's extra preference)
+
+With beta1 = 0 (rDPO) the policy must push h_policy past h_te; d_te shows how far that is from
+where the reference starts. A long right tail of h_te usually means truncated or degenerate
+student responses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dadpo.cache import open_cache
+
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+_COLUMNS = ["teacher_logp_chosen", "teacher_logp_rejected", "ref_logp_chosen", "ref_logp_rejected",
+            "teacher_ntok_chosen", "teacher_ntok_rejected", "ref_ntok_chosen", "ref_ntok_rejected"]
+
+
+@dataclass
+class Distribution:
+    count: int
+    mean: float
+    sd: float
+    min: float
+    max: float
+    quantiles: dict  # q -> value
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> "Distribution":
+        if values.size == 0:
+            nan = float("nan")
+            return cls(0, nan, nan, nan, nan, {q: nan for q in QUANTILES})
+        return cls(int(values.size), float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0,
+                   float(values.min()), float(values.max()),
+                   {q: float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))})
+
+
+@dataclass
+class CacheReport:
+    path: str
+    teacher: str
+    reference: str
+    rows: int
+    pairs_in_source: int
+    dropped: int
+    tokens: dict  # "teacher"/"ref" -> {"chosen": total, "rejected": total}
+    margins: dict  # "h_te", "h_ref", "d_te" -> Distribution
+    values: dict  # the same names -> np.ndarray, for plotting
+
+
+def inspect_cache(path: str | os.PathLike) -> CacheReport:
+    cache = open_cache(path, flag="CACHE")
+    frame = cache.read(_COLUMNS)
+    column = lambda name: frame[name].to_numpy().astype(np.float64) if frame.height else np.zeros(0)  # noqa: E731
+    h_te = column("teacher_logp_chosen") - column("teacher_logp_rejected")
+    h_ref = column("ref_logp_chosen") - column("ref_logp_rejected")
+    values = {"h_te": h_te, "h_ref": h_ref, "d_te": h_te - h_ref}
+    tokens = {model: {side: int(column(f"{model}_ntok_{side}").sum()) for side in ("chosen", "rejected")}
+              for model in ("teacher", "ref")}
+    manifest = cache.manifest
+    return CacheReport(str(path), cache.teacher["model"], cache.reference["model"], frame.height,
+                       manifest["pairs"]["rows"], manifest["totals"]["dropped"], tokens,
+                       {name: Distribution.of(v) for name, v in values.items()}, values)
+
+
+def format_report(report: CacheReport) -> str:
+    rows = max(report.rows, 1)
+    lines = [
+        f"cache {report.path}",
+        f"  teacher    {report.teacher}",
+        f"  reference  {report.reference}",
+        f"  pairs      {report.rows} cached of {report.pairs_in_source} in the pairs file, "
+        f"{report.dropped} dropped by the length rule",
+        "  tokens     total (mean per pair)        chosen (teacher response)   rejected (student response)",
+    ]
+    for model, label in (("teacher", "teacher"), ("ref", "reference")):
+        counts = report.tokens[model]
+        lines.append(f"    {label:<31}" + "".join(
+            f"{counts[side]:>12} ({counts[side] / rows:>8.1f})     " for side in ("chosen", "rejected")).rstrip())
+    header = "  ".join(f"{'q' + format(q * 100, 'g'):>8}" for q in QUANTILES)
+    lines += ["", f"  {'margin':<6} {'mean':>9} {'sd':>9} {'min':>9}  {header}  {'max':>9}"]
+    for name, label in (("h_te", "h_te"), ("h_ref", "h_ref"), ("d_te", "d_te")):
+        d = report.margins[name]
+        lines.append(f"  {label:<6} {_num(d.mean)} {_num(d.sd)} {_num(d.min)}  "
+                     + "  ".join(_num(d.quantiles[q], 8) for q in QUANTILES) + f"  {_num(d.max)}")
+    lines += [
+        "",
+        "  h_te = log te(chosen) - log te(rejected); h_ref likewise under the reference; d_te = h_te - h_ref.",
+        f"  pairs where the teacher prefers its own response (h_te > 0): {_share(report.values['h_te'] > 0)}; "
+        f"the reference does (h_ref > 0): {_share(report.values['h_ref'] > 0)}",
+    ]
+    return "\n".join(lines)
+
+
+def _num(value: float, width: int = 9) -> str:
+    return f"{value:>{width}.3g}" if math.isfinite(value) else f"{'-':>{width}}"
+
+
+def _share(mask: np.ndarray) -> str:
+    return f"{mask.mean() * 100:.1f}%" if mask.size else "-"
+
+
+def plot_histograms(report: CacheReport, png: str | os.PathLike) -> Path:
+    """One panel per margin (h_te, h_ref, d_te), with the mean and median marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed (servers, CI)
+    import matplotlib.pyplot as plt
+
+    titles = {"h_te": "h_te = log te(y_t) - log te(y_s)", "h_ref": "h_ref = log ref(y_t) - log ref(y_s)",
+              "d_te": "d_te = h_te - h_ref"}
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    for axis, (name, title) in zip(axes, titles.items()):
+        values = report.values[name]
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            axis.hist(finite, bins=min(60, max(10, finite.size // 5)), color="#4c72b0", alpha=0.85)
+            axis.axvline(float(finite.mean()), color="#c44e52", label=f"mean {finite.mean():.3g}")
+            axis.axvline(float(np.median(finite)), color="#55a868", linestyle="--",
+                         label=f"median {np.median(finite):.3g}")
+            axis.axvline(0.0, color="black", linewidth=0.8)
+            axis.legend(fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("nats")
+        axis.set_ylabel("pairs")
+    figure.suptitle(f"{report.path}: {report.rows} pairs (teacher {report.teacher}, reference {report.reference})",
+                    fontsize=10)
+    out = Path(png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, out)
+    return out

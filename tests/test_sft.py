@@ -1,0 +1,90 @@
+"""dadpo sft on the tiny student: response-only loss, lower loss after training, a loadable HF checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import assert_one_line_error, run_cli, write_jsonl
+from dadpo.errors import DadpoError
+from dadpo.logprobs import ResponseLogprobs, collate
+from dadpo.pairs import load_pairs
+from dadpo.sft import SftConfig, sft, tokenize_pairs
+from dadpo.tiny import make_tiny_pairs
+from dadpo.training import global_batch_rows, split_eval
+
+
+def _mean_nll(model_dir, rows: pl.DataFrame, pad_id: int) -> float:
+    """Mean NLL per response token, computed here from scratch (no trainer code)."""
+    model = ResponseLogprobs(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    with torch.no_grad():
+        logps = model(collate(list(zip(rows["prompt_ids"].to_list(), rows["response_ids"].to_list())), pad_id))
+    return float(-logps.sum() / rows["response_tokens"].sum())
+
+
+@pytest.fixture(scope="module")
+def sft_run(models, pairs_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    summary = sft(SftConfig(pairs=str(pairs_file), model=str(models["student"]), out=str(out), lr=2e-3,
+                            batch_size=8, grad_accum=1, epochs=3, eval_fraction=0.1, seed=1, max_length=160,
+                            progress=False))
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def tokenized(models, pairs_file):
+    tokenizer = AutoTokenizer.from_pretrained(models["student"])
+    rows, dropped = tokenize_pairs(load_pairs(pairs_file).frame, tokenizer, True, 160, "drop", str(pairs_file))
+    return rows, dropped, tokenizer.pad_token_id
+
+
+def test_loss_is_the_nll_of_the_response_tokens_only(sft_run, tokenized, models):
+    """Step 1's logged loss equals the mean response-token NLL of that step's rows under the
+    starting model, computed independently: prompt tokens carry no loss."""
+    out, summary = sft_run
+    rows, _, pad_id = tokenized
+    train_rows, _ = split_eval(rows, 0.1)
+    first_rows = global_batch_rows(train_rows, 0, 8, train_rows.height // 8, seed=1)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(_mean_nll(models["student"], first_rows, pad_id), rel=1e-4)
+    assert first["tokens"] == int(first_rows["response_tokens"].sum())
+    for key in ("lr", "grad_norm", "tokens_per_s"):
+        assert key in first
+
+
+def test_training_lowers_the_loss_and_the_checkpoint_loads(sft_run, tokenized, models):
+    out, summary = sft_run
+    rows, dropped, pad_id = tokenized
+    train_rows, _ = split_eval(rows, 0.1)
+    before = _mean_nll(models["student"], train_rows, pad_id)
+    after = _mean_nll(out / "model", train_rows, pad_id)  # AutoModelForCausalLM.from_pretrained(RUN/model)
+    assert after < 0.8 * before
+    assert summary["steps"] == 3 * (train_rows.height // 8)
+    assert summary["dropped_ids"] == dropped
+    if dropped:
+        assert (out / "dropped_ids.txt").read_text().split() == dropped
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template == \
+        AutoTokenizer.from_pretrained(models["student"]).chat_template
+
+
+def test_cli_sft_and_its_errors(models, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", make_tiny_pairs(12, seed=4))
+    out = tmp_path / "run"
+    result = run_cli("sft", "--pairs", pairs, "--model", models["student"], "--out", out, "--lr", "1e-3",
+                     "--batch-size", "4", "--grad-accum", "1", "--max-steps", "2", "--eval-fraction", "0", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "trained 2 steps" in result.stdout and (out / "model" / "config.json").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert_one_line_error(run_cli("sft", "--pairs", pairs, "--out", tmp_path / "x"), "--model")
+    assert_one_line_error(run_cli("sft", "--pairs", pairs, "--model", models["student"], "--out", tmp_path / "y",
+                                  "--max-length", "10", "--on-overlong", "error"), "exceed --max-length 10")
+
+
+def test_every_pair_too_long_is_refused(models, pairs_file, tmp_path):
+    with pytest.raises(DadpoError, match="every pair is longer than --max-length 8"):
+        sft(SftConfig(pairs=str(pairs_file), model=str(models["student"]), out=str(tmp_path / "r"), max_length=8,
+                      progress=False))
