@@ -242,3 +242,20 @@ def test_a_skipped_vllm_test_fails_the_run_under_ci(tmp_path):
     assert "vLLM tests skipped under CI" in outcome["true"].stdout
     assert "test_marked" in outcome["true"].stdout and "test_importorskip" in outcome["true"].stdout
     assert "vLLM tests skipped" not in outcome[""].stdout
+
+
+# ---------------------------------------------------------------- the subprocess each vLLM pass runs in
+
+
+def test_call_isolated_returns_results_and_errors_and_survives_a_dead_child(tmp_path):
+    """dadpo.scoring.isolated.call_isolated, which cache-teacher runs every vllm pass through."""
+    import operator
+
+    from dadpo.pairs import load_pairs
+    from dadpo.scoring.isolated import call_isolated
+
+    assert call_isolated(operator.add, 2, 3) == 5
+    with pytest.raises(DadpoError, match="no such file"):  # bad input stays a one-line DadpoError
+        call_isolated(load_pairs, str(tmp_path / "missing.jsonl"))
+    with pytest.raises(RuntimeError, match="died with exit code 3"):
+        call_isolated(os._exit, 3)
