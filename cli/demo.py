@@ -19,6 +19,9 @@ def demo_command(workdir, backend, num_pairs, progress):
     synthetic pairs, runs cache-teacher and train exactly as the commands do, and says what
     happened.
     """
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the demo's few lines, not vLLM's warnings
     from dadpo.demo import run_demo
 
     run_demo(workdir, backend=backend, num_pairs=num_pairs, say=click.echo, progress=progress)
