@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
 
-from conftest import REPO
+from conftest import REPO, kill_when, start_cli  # noqa: F401  (re-exported for the cache tests)
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 
@@ -21,30 +18,6 @@ def cache_args(pairs, models, out, *extra, reference: str = "student") -> list[s
     return ["cache-teacher", "--pairs", str(pairs), "--teacher", str(models["teacher"]),
             "--reference", str(models[reference]), "--out", str(out), "--backend", "hf", "--shard-size", "4",
             *map(str, extra)]
-
-
-def start_cli(*args: str) -> subprocess.Popen:
-    """`dadpo ARGS...` as a subprocess that keeps running (conftest.run_cli waits for it)."""
-    return subprocess.Popen([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> bool:
-    """SIGKILL `process` as soon as ready() holds (polled every 5 ms). True if it was killed
-    while still running, False if it had already exited."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            process.communicate()
-            return False
-        if ready():
-            process.kill()  # SIGKILL: no cleanup handlers run
-            process.communicate()
-            return process.returncode == -9
-        time.sleep(0.005)
-    process.kill()
-    process.communicate()
-    raise AssertionError("the condition to kill at never came")
 
 
 def shard_rows(cache_dir: Path) -> pl.DataFrame:

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,30 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """`dadpo ARGS...` as a subprocess that keeps running (run_cli waits for it)."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], cwd=REPO, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 180) -> bool:
+    """SIGKILL `process` as soon as ready() holds (polled every 5 ms). True if it was killed while
+    still running, False if it had exited by itself first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            process.communicate()
+            return False
+        if ready():
+            process.kill()  # SIGKILL: no cleanup handlers run
+            process.communicate()
+            return process.returncode == -9
+        time.sleep(0.005)
+    process.kill()
+    raise AssertionError(f"the condition to kill at never came: {process.communicate()[1][-2000:]}")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

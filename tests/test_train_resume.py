@@ -54,7 +54,7 @@ def uninterrupted(cache_dir, models, tmp_path_factory):
 
 def test_killed_run_resumes_to_the_same_losses(cache_dir, models, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    process = start_cli(*run_args(cache_dir, models, out))
+    process = start_cli(*run_args(cache_dir, models, out), env=ENV)
     assert kill_when(process, lambda: (out / "checkpoints" / "step-000002" / "trainer_state.json").exists())
     assert len(metrics(out)) >= 2
     # Continue from step 2 whatever the kill caught: later checkpoints (if any were written) go,

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, kill_when, run_cli, start_cli  # noqa: F401  (re-exported)
 
 # One intra-op thread per process: on a loaded 2-core machine more threads only contend.
 ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -36,29 +33,6 @@ def train_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     result = run_cli("train", *args, "--quiet", env={**ENV, **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def start_cli(*args: str) -> subprocess.Popen:
-    """`dadpo ARGS...` as a subprocess that keeps running."""
-    return subprocess.Popen([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], cwd=REPO,
-                            env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def kill_when(process: subprocess.Popen, ready, timeout: float = 180) -> bool:
-    """SIGKILL `process` as soon as ready() holds (polled every 5 ms). True if it was killed while
-    running, False if it had exited by itself first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            process.communicate()
-            return False
-        if ready():
-            process.kill()
-            process.communicate()
-            return True
-        time.sleep(0.005)
-    process.kill()
-    raise AssertionError(f"the condition to kill at never came: {process.communicate()[1][-2000:]}")
 
 
 def metrics(run: Path, name: str = "metrics.jsonl") -> list[dict]:
