@@ -47,8 +47,13 @@ def cli():
 
     \b
     The workflow:
-      1. dadpo cache-teacher  score every pair once under the teacher and the reference
-      2. dadpo train          train the student from that cache (only the student is loaded)
+      dadpo generate       teacher and student responses for your prompts -> pairs
+      dadpo sft            dSFT of the student on the teacher's responses -> the reference
+      dadpo cache-teacher  score every pair once under the teacher and the reference
+      dadpo inspect        what the cache holds: tokens, dropped pairs, margin distributions
+      dadpo train          daDPO on the student from the cache (only the student is loaded)
+      dadpo sweep          a (beta1, beta2) grid from one cache;  dadpo report: curves to PNG
+      dadpo verify-cache   drift of the cached numbers against the trainer's forward pass
     Try `dadpo demo` for the whole pipeline on tiny local models.
     """
 
