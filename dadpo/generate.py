@@ -40,6 +40,7 @@ from dadpo.pairs import _canonical_json, _extra_series, _normalize_id, _normaliz
 from dadpo.sampling import Sampling, make_sampler
 from dadpo.scoring import backend_version, pick_backend
 from dadpo.scoring.base import EngineOptions
+from dadpo.scoring.isolated import call_isolated
 from dadpo.tokenization import encode_prompt, tokenizer_digest, uses_chat_template
 
 ROLES = ("teacher", "student")
@@ -177,7 +178,8 @@ def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
         todo = [k for k in range(num_chunks) if not _chunk_path(work, role, k).exists()]
         if todo:
             job = _PassJob(role, sides[role]["model"], sides[role]["chat"], str(work), todo, cfg, backend)
-            pass_stats[role] = _run_isolated(job) if backend == "vllm" else run_pass(job)
+            # vLLM does not give all memory back in-process: each model's pass gets its own process
+            pass_stats[role] = call_isolated(run_pass, job) if backend == "vllm" else run_pass(job)
     rows, dropped, truncated = _assemble(out, work, num_chunks, settings)
     shutil.rmtree(work, ignore_errors=True)
     return GenerateSummary(str(out), rows, dropped, truncated, pass_stats, time.time() - started)
@@ -290,16 +292,6 @@ class _PassJob:
     chunks: list
     cfg: GenerateConfig
     backend: str
-
-
-def _run_isolated(job: _PassJob) -> dict:
-    """Run a vllm pass in a fresh process, so one engine's memory is fully released before the
-    next model loads (vLLM does not give it all back in-process)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_pass, job).result()
 
 
 def run_pass(job: _PassJob) -> dict:
