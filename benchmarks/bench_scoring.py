@@ -31,15 +31,15 @@ import sys
 import time
 from pathlib import Path
 
-# Qwen2.5 hyperparameters (from the released config.json files) and a small CPU shape (head_dim 64:
+# A small CPU shape and the Qwen2.5 shapes of benchmarks/shapes.py (head_dim 64:
 # vLLM's CPU attention needs it).
+from shapes import QWEN25_SHAPES  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 CONFIGS = {
     "cpu-26m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
                     num_key_value_heads=2, vocab_size=16384, tie_word_embeddings=True),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-0.5b": QWEN25_SHAPES["qwen2.5-0.5b"],
+    "qwen2.5-1.5b": QWEN25_SHAPES["qwen2.5-1.5b"],
 }
 # Dense bf16 tensor-core peaks, FLOP/s.
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -39,20 +39,15 @@ import tempfile
 import time
 from pathlib import Path
 
-# Qwen2.5 hyperparameters (from the released config.json files) and two tiny CPU shapes.
+# Two tiny CPU shapes and the Qwen2.5 shapes (benchmarks/shapes.py).
+from shapes import QWEN25_SHAPES  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True),
     "tiny-4x": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=2, vocab_size=9000, tie_word_embeddings=False),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    **QWEN25_SHAPES,
 }
 ARMS = ("a", "b", "c", "s")
 TIMED = ARMS + ("b2",)  # b2: the floor again, so the run shows its own noise (b2/b)
