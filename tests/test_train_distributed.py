@@ -13,23 +13,13 @@ from dadpo.errors import DadpoError
 from dadpo.train import TrainConfig, train
 
 from conftest import REPO
-from train_checks import ENV, assert_same_steps, metrics, shared_cache, single_thread, train_cli
+from train_checks import ENV, assert_same_steps, cache_dir, metrics, one_thread, train_cli  # noqa: F401  (fixtures)
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    yield from single_thread()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, models, pairs_file):
-    return shared_cache(tmp_path_factory, models, pairs_file)
 
 
 def test_two_processes_equal_one_process_with_grad_accum(models, cache_dir, tmp_path):

@@ -20,17 +20,7 @@ from dadpo.train import TrainConfig, train
 from dadpo.training import _probe_sequences, global_batch_rows, load_policy_model, split_eval
 
 from conftest import assert_one_line_error, run_cli
-from train_checks import assert_same_steps, metrics, sequence_logprob, shared_cache, single_thread, train_cli
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    yield from single_thread()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, models, pairs_file):
-    return shared_cache(tmp_path_factory, models, pairs_file)
+from train_checks import assert_same_steps, cache_dir, metrics, one_thread, sequence_logprob, train_cli  # noqa: F401  (fixtures)
 
 
 def settings(cache_dir, models, **changes) -> dict:

@@ -15,19 +15,9 @@ from dadpo.errors import DadpoError
 from dadpo.train import TrainConfig, train
 
 from conftest import assert_one_line_error, run_cli
-from train_checks import ENV, assert_same_steps, kill_when, metrics, shared_cache, single_thread, start_cli
+from train_checks import ENV, assert_same_steps, cache_dir, kill_when, metrics, one_thread, start_cli  # noqa: F401  (fixtures)
 
 STEPS = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    yield from single_thread()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, models, pairs_file):
-    return shared_cache(tmp_path_factory, models, pairs_file)
 
 
 def run_args(cache_dir, models, out):

@@ -14,12 +14,7 @@ from dadpo.sweep import run_sweep
 from dadpo.train import TrainConfig
 
 from conftest import assert_one_line_error, run_cli
-from train_checks import ENV, metrics, single_thread
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    yield from single_thread()
+from train_checks import ENV, metrics, one_thread  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

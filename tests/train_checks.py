@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import REPO, kill_when, run_cli, start_cli  # noqa: F401  (re-exported)
@@ -61,3 +62,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Fixtures the training test modules import (importing an autouse fixture turns it on there).
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    yield from single_thread()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, models, pairs_file):
+    return shared_cache(tmp_path_factory, models, pairs_file)
