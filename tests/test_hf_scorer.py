@@ -64,7 +64,8 @@ def test_chunked_head_equals_unchunked_and_has_gradients(models, sequences):
     batch = collate(sequences["student"][:6], pad_id=3)
     whole = ResponseLogprobs(model, chunk_tokens=100_000)(batch)
     chunked = ResponseLogprobs(model, chunk_tokens=7)(batch)  # many chunks, checkpointed under grad
-    torch.testing.assert_close(chunked, whole, atol=1e-9, rtol=0)
+    # fp32 GEMMs of other shapes round differently (by ~1e-6 nats on some CPUs): an fp32 tolerance
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-5)
     chunked.sum().backward()
     grads_chunked = model.lm_head.weight.grad.clone()
     model.zero_grad()
