@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from dadpo import stop
 from dadpo.errors import DadpoError
 
 
@@ -35,6 +36,9 @@ class _Group(click.Group):
         except DadpoError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except stop.Stopped as exc:
+            click.echo(f"dadpo: {exc}", err=True)
+            sys.exit(stop.EXIT_STOPPED)
         except KeyboardInterrupt:
             click.echo("error: interrupted; finished shards and checkpoints are kept, re-run to resume", err=True)
             sys.exit(130)

@@ -7,24 +7,16 @@ import sys
 import click
 
 from dadpo.cli.main import cli
+from dadpo.cli.options import build_config, config_options
+from dadpo.verify import VerifyConfig
 
 
 @cli.command("verify-cache")
 @click.argument("cache_arg", metavar="[CACHE]", required=False)
 @click.option("--cache", default=None, help="Cache folder (made by dadpo cache-teacher); or give it as the argument.")
-@click.option("--sample", type=int, default=64, show_default=True,
-              help="Pairs to re-score (all when the cache has fewer); 0 checks integrity only.")
-@click.option("--model", default=None, help="Policy for the reference columns: HF hub id or local folder with the "
-              "reference's tokenizer. [default: the cache's reference]")
-@click.option("--teacher", is_flag=True, help="Also re-score the teacher columns with the cache's teacher.")
-@click.option("--dtype", default="float32", show_default=True,
-              help="Dtype to re-score in: the one you train in (float32, bfloat16, float16).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
-@click.option("--device", default=None, help="Device (default: cuda if available, else cpu).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the row sample.")
+@config_options(VerifyConfig, exclude=("cache",))
 @click.option("--max-drift", type=float, default=None,
               help="Exit 1 when the largest per-sequence |delta| (nats) of a checked column group exceeds this.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder/hub to run.")
 def verify_cache_command(cache_arg, cache, max_drift, **flags):
     """Check a cache, and measure how far its log-probs are from the trainer's own forward pass.
 
@@ -35,8 +27,8 @@ def verify_cache_command(cache_arg, cache, max_drift, **flags):
        training --dtype) and compared with the cached log-probs:
          reference  ref_logp_*      under --model (default: the cache's reference), on the
                                     cached reference token ids
-         teacher    teacher_logp_*  under the cache's teacher (with --teacher), re-tokenized by
-                                    the tokenization rule; token counts must match the cache
+         teacher    teacher_logp_*  under each of the cache's teachers (with --teacher),
+                                    re-tokenized by the tokenization rule; token counts must match
        One line per column group: mean, p95 and max of |delta| per sequence and per token.
     A cache scored by vLLM or in bfloat16 drifts by rounding; a large drift means the cache
     does not describe the model you train against. Exit 0 unless --max-drift is exceeded (1).
@@ -44,7 +36,7 @@ def verify_cache_command(cache_arg, cache, max_drift, **flags):
       dadpo verify-cache --cache cache/ --sample 128 --teacher --max-drift 0.05
     """
     from dadpo.errors import DadpoError
-    from dadpo.verify import VerifyConfig, describe, verify_cache, worst_drift
+    from dadpo.verify import describe, verify_cache, worst_drift
 
     if cache_arg and cache and cache_arg != cache:
         raise DadpoError(f"verify-cache: two caches given ({cache_arg} and --cache {cache}); give one")
@@ -53,11 +45,13 @@ def verify_cache_command(cache_arg, cache, max_drift, **flags):
         raise click.UsageError("give the cache folder: dadpo verify-cache --cache DIR")
     if max_drift is not None and not max_drift >= 0:
         raise DadpoError(f"--max-drift {max_drift}: must be a number >= 0")
-    result = verify_cache(VerifyConfig(cache=path, **flags))
+    result = verify_cache(build_config(VerifyConfig, flags, cache=path))
     click.echo(f"cache {path}: complete, {result['shards']} shards verified, {result['rows']} pairs, "
                f"{result['dropped']} dropped by the length rule")
-    for group, columns in (("reference", "ref_logp_*"), ("teacher", "teacher_logp_*")):
-        stats = result[group]
+    groups = [("reference", "ref_logp_*", result["reference"])] + [
+        (f"teacher {name}".strip(), f"{'teacher_' + name if name else 'teacher'}_logp_*", stats)
+        for name, stats in (result.get("teachers") or {}).items()]
+    for group, columns, stats in groups:
         if stats:
             click.echo(f"{group} {columns} (cached: {stats['cached_with']}) vs {stats['model']} "
                        f"[{stats['dtype']}, {stats['device']}], {stats['pairs']} pairs: {describe(stats)}")

@@ -1,27 +1,39 @@
-"""Files that appear whole or not at all: write to a temporary name, fsync, rename.
+"""The one way dadpo writes an output: whole or not at all.
 
-A temporary file is named `.NAME.HOST.PID.tmp`, so a later run can tell the leftovers of a
-killed writer (same host, process gone) from the file a live worker is writing right now,
-possibly on another node sharing the folder.
+Every file (shards, manifests, summaries, reports, PNGs, generate outputs, checkpoint pieces) is
+written to a temporary name beside its target, fsynced, renamed over it, and the folder fsynced, so
+a crash, a kill -9 or a full disk leaves either the old file or the new one, never half of one.
+Folders (models, checkpoints) are filled under a temporary name and renamed the same way.
+
+A temporary name is `.NAME.HOST.PID.tmp`, so a later run can tell the leftovers of a killed writer
+(same host, process gone) from a file a live worker is writing right now, possibly on another node.
+A full disk (ENOSPC) or an exhausted quota (EDQUOT) becomes one line naming the file, the space it
+needed and the space that was free.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
+from typing import Callable
 
 from dadpo.errors import DadpoError
 
 _HOST = socket.gethostname().replace(".", "_") or "host"
+_SPACE_ERRORS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def temp_path(path: Path) -> Path:
+    path = Path(path)
     return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
 
 
-def fsync_dir(folder: Path) -> None:
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -29,34 +41,114 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def publish(tmp: Path, path: Path) -> None:
-    """fsync `tmp`, rename it to `path`, fsync the folder (so the rename survives a power cut)."""
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def _fsync_tree(root: Path) -> None:
+    for item in [root, *root.rglob("*")]:
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif item.is_dir():
+            _fsync_dir(item)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def write_error(path: Path, exc: OSError, needed_bytes: int | None = None) -> DadpoError:
+    """An OSError while writing `path` as one line; a full disk says how much was needed and free."""
+    if exc.errno in _SPACE_ERRORS:
+        try:
+            free = shutil.disk_usage(Path(path).parent).free
+        except OSError:
+            free = None
+        need = f"about {needed_bytes / 2**20:.1f} MiB needed, " if needed_bytes else ""
+        have = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        kind = "disk quota exceeded" if exc.errno != errno.ENOSPC else "no space left on the device"
+        return DadpoError(f"{path}: {kind} ({need}{have}); nothing was published under that name: free space and "
+                          "re-run the same command to continue")
+    return DadpoError(f"{path}: cannot write ({exc.strerror or exc})")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], needed_bytes: int | None = None) -> Path:
+    """write(tmp) fills a temporary file; it then replaces `path` in one rename."""
     path = Path(path)
     tmp = temp_path(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
-        publish(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OSError as exc:
+        written = _size(tmp)
         tmp.unlink(missing_ok=True)
-        raise DadpoError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise write_error(path, exc, needed_bytes or written or None) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+def write_folder_atomic(path: Path, write: Callable[[Path], None], needed_bytes: int | None = None) -> Path:
+    """write(tmp_folder) fills a temporary folder; it then replaces the folder `path`."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _fsync_tree(tmp)
+        old = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.old.tmp")
+        if path.exists():
+            os.replace(path, old)  # a folder cannot be renamed over a non-empty one
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        written = _size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(path, exc, needed_bytes or written or None) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), len(text.encode("utf-8")))
+
+
+def write_json_atomic(path: Path, payload) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_parquet_atomic(table, path: Path, metadata: dict[str, str] | None = None) -> str:
+    """Write an Arrow table as zstd Parquet; return the file's sha256."""
+    import pyarrow.parquet as pq
+
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               **{k.encode(): v.encode() for k, v in metadata.items()}})
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"), table.nbytes)
+    return sha256_file(path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _is_stale(tmp: Path, everything: bool) -> bool:
     if everything:
         return True
     try:
-        host, pid = tmp.name[: -len(".tmp")].rsplit(".", 2)[-2:]
+        host, pid = tmp.name.removesuffix(".tmp").removesuffix(".old").rsplit(".", 2)[-2:]
         pid = int(pid)
     except ValueError:
         return False  # not one of ours
@@ -72,11 +164,11 @@ def _is_stale(tmp: Path, everything: bool) -> bool:
 
 
 def sweep_temp_files(folder: Path, everything: bool = False) -> int:
-    """Remove temporary files that killed writers left under `folder`; with everything=True
-    (the cache is complete, nothing is being written) remove them all. Returns the count."""
+    """Remove temporary files and folders that killed writers left under `folder`; with
+    everything=True (nothing is being written) remove them all. Returns the count."""
     removed = 0
-    for tmp in Path(folder).rglob(".*.tmp"):
-        if tmp.is_file() and _is_stale(tmp, everything):
-            tmp.unlink(missing_ok=True)
+    for tmp in sorted(Path(folder).rglob(".*.tmp"), key=lambda p: -len(p.parts)):
+        if tmp.exists() and _is_stale(tmp, everything):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             removed += 1
     return removed

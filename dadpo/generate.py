@@ -1,29 +1,28 @@
 """`dadpo generate`: one teacher and one student response per prompt, written as a pairs file.
 
-    prompts file --load_prompts--> OUT.work/prompts.parquet
-        --teacher pass--> OUT.work/teacher/NNNNN.parquet   (one model in memory)
-        --student pass--> OUT.work/student/NNNNN.parquet   (the other, after the first is freed)
-        --assemble-->     OUT (pairs spec: id, prompt, chosen = teacher, rejected = student)
+    prompts file --load_prompts-->  OUT.work/prompts.parquet                         (dadpo.pairs)
+        --teacher pass-->           OUT.work/teacher/NNNNN.parquet   (one model in memory; dadpo.runner)
+        --student pass-->           OUT.work/student/NNNNN.parquet   (the other, after the first is freed)
+        --assemble-->               OUT (pairs v2: id, prompt, chosen = teacher, rejected = student,
+                                    and each response's sampled ids, vocabulary and finish reason)
 
-Each model renders prompts with its own chat template, through the one tokenization rule
-(dadpo.tokenization.encode_prompt), and its response is decoded without special tokens (the
-end-of-turn token is where generation stops, not part of the text). Work goes in chunks of
-`chunk_size` prompts, each written atomically; a re-run skips the chunks on disk, so a crash
-costs at most one chunk. Chunk k is sampled from a seed derived from (seed, role, k) (hf) or
-each prompt from (seed, role, id) (vllm), so an interrupted run gives the same pairs as an
-uninterrupted one. The sampling settings and the models travel in the output's Parquet
-metadata (key "dadpo.generate") and in the sidecar OUT.generate.json.
+Each model renders prompts with its own chat template and variables through the one tokenization
+rule (dadpo.tokenization), and samples until one of its stop tokens. The sampled ids (stop token
+included) travel in the output, so cache-teacher and sft score exactly what was sampled; the text
+is their decoding. Work goes in chunks of `chunk_size` prompts, each written atomically; a re-run
+skips the chunks on disk, so a crash or a stop signal costs at most one chunk. Chunk k is sampled
+from a seed derived from (seed, role, k) (hf) or each prompt from (seed, role, id) (vllm), so an
+interrupted run gives the same pairs as an uninterrupted one. The settings (sampling, models,
+template variables, the pinned template date) travel in the output's Parquet metadata (key
+"dadpo.generate") and in the sidecar OUT.generate.json.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,41 +31,51 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dadpo.cache import write_parquet_atomic
+from dadpo import stop
+from dadpo.atomic import write_atomic, write_json_atomic, write_parquet_atomic
+from dadpo.engine import EngineOptions
 from dadpo.errors import DadpoError
-from dadpo.manifest import write_json_atomic
-from dadpo.modeling import ResolvedModel, load_tokenizer, resolve_model, resolved_dtype, torch_dtype, weights_digest
-from dadpo.pairs import _canonical_json, _extra_series, _normalize_id, _normalize_prompt, _read, prompt_messages
+from dadpo.modeling import ResolvedModel, model_tokenizer, resolve_model, resolved_dtype, torch_dtype, weights_digest
+from dadpo.options import REQUIRED, option
+from dadpo.pairs import PROMPT_FORMATS, decode_prompt, load_prompts
+from dadpo.runner import Progress, run_passes
 from dadpo.sampling import Sampling, make_sampler
-from dadpo.scoring import backend_version, pick_backend
-from dadpo.scoring.base import EngineOptions
-from dadpo.scoring.isolated import call_isolated
-from dadpo.tokenization import encode_prompt, tokenizer_digest, uses_chat_template
+from dadpo.scoring import BACKENDS, backend_version, pick_backend
+from dadpo.tokenization import check_date, parse_template_kwargs, today
 
 ROLES = ("teacher", "student")
 METADATA_KEY = "dadpo.generate"
-FORMAT_VERSION = 1
-# A pairs file that is used as a prompts file keeps its prompts (and extras), not its responses.
-_IGNORED_COLUMNS = ("chosen", "rejected")
+FORMAT_VERSION = 2
 
 
 @dataclass
 class GenerateConfig:
-    prompts: str
-    teacher: str
-    student: str
-    out: str
-    backend: str = "auto"
-    sampling: Sampling = field(default_factory=Sampling)
-    dtype: str = "auto"
-    teacher_revision: str | None = None
-    student_revision: str | None = None
-    chunk_size: int = 512
-    overwrite: bool = False
-    no_chat_template: bool = False
-    trust_remote_code: bool = False
-    engine: EngineOptions = field(default_factory=EngineOptions)  # batch_size/device (hf), the rest (vllm)
-    progress: bool = True
+    prompts: str = option(REQUIRED, "Prompts file: .parquet, .jsonl, .json, a datasets.save_to_disk folder, a folder "
+                          "of data files or a Hub dataset id, with `prompt` (a string or a list of {role, content} "
+                          "messages) [, id]. Other columns travel through (chosen/rejected, if present, are ignored).")
+    teacher: str = option(REQUIRED, "Teacher model: HF hub id or local folder.")
+    student: str = option(REQUIRED, "Student model (the one whose responses become `rejected`).")
+    out: str = option(REQUIRED, "Pairs file to write (.parquet or .jsonl); OUT.work/ holds the progress.")
+    prompts_split: str | None = option(None, "Split of a Hub dataset id or a folder of data files.")
+    prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by each model's chat "
+                                "template; raw: string prompts are already-formatted text.", choices=PROMPT_FORMATS)
+    backend: str = option("auto", "auto (vllm when installed, else hf), hf or vllm.", choices=BACKENDS)
+    sampling: Sampling = option(help="", factory=Sampling)
+    dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
+    teacher_revision: str | None = option(None, "Hub revision (branch, tag or commit) of the teacher.")
+    student_revision: str | None = option(None, "Hub revision of the student.")
+    teacher_template_kwargs: str | None = option(None, "The teacher's chat-template variables as JSON, e.g. "
+                                                 "'{\"reasoning_effort\": \"high\"}'.")
+    student_template_kwargs: str | None = option(None, "The student's chat-template variables as JSON, e.g. "
+                                                 "'{\"enable_thinking\": false}'.")
+    template_date: str | None = option(None, "Date (YYYY-MM-DD) that templates which write today's date render; "
+                                       "recorded, and used by cache-teacher on these pairs.", default_text="today")
+    chunk_size: int = option(512, "Prompts per chunk: the unit of progress kept across crashes.")
+    overwrite: bool = option(False, "Replace an existing OUT (and its unfinished work) and start over.")
+    no_chat_template: bool = option(False, "Plain mode: ignore the models' chat templates.")
+    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
+    engine: EngineOptions = option(help="", factory=lambda: EngineOptions(batch_size=32))
+    progress: bool = option(True, "Progress bars.", cli=False)
 
 
 @dataclass
@@ -80,109 +89,53 @@ class GenerateSummary:
     already_done: bool = False
 
 
-# ---- prompts ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prompts:
-    source: str
-    frame: pl.DataFrame  # id, prompt (canonical messages JSON), then the extra columns
-    extra_columns: list[str]
-    fingerprint: str
-
-
-def load_prompts(path: str | os.PathLike) -> Prompts:
-    """Read a prompts file (.parquet, .jsonl, .json or a datasets folder) with a `prompt` column
-    (a string or a list of {role, content} messages) and an optional `id`; the same normalisation
-    and one-line errors as the pairs loader. `chosen`/`rejected` columns are ignored; other
-    columns travel through to the output."""
-    source = os.fspath(path)
-    columns = _read(Path(source), source)
-    if columns.num_rows == 0:
-        raise DadpoError(f"{source}: has no rows")
-    if "prompt" not in columns.names:
-        close = difflib.get_close_matches("prompt", columns.names, n=1)
-        guess = f"; did you mean '{close[0]}'?" if close else ""
-        raise DadpoError(f"{source}: missing column 'prompt' (found: {', '.join(columns.names) or 'none'}){guess}; "
-                         "expected prompt [, id]")
-    given_ids, line_numbers = columns.values.get("id"), columns.line_numbers
-    unit = "line" if line_numbers else "row"
-    ids, prompt_jsons, first_seen = [], [], {}
-    fingerprint = hashlib.sha256()
-    for index, value in enumerate(columns.values["prompt"]):
-        position = line_numbers[index] if line_numbers else index
-        where = f"{source} {unit} {position}"
-        row_id = None
-        if given_ids is not None:
-            row_id = _normalize_id(given_ids[index], where)
-            where = f"{where} (id {row_id!r})"
-        prompt_json = _canonical_json(_normalize_prompt(value, where))
-        row_id = row_id or hashlib.sha256(prompt_json.encode("utf-8")).hexdigest()[:16]
-        if row_id in first_seen:
-            same = " (the same prompt twice; give the rows ids to keep both)" if given_ids is None else ""
-            raise DadpoError(f"{source}: duplicate id {row_id!r} ({unit}s {first_seen[row_id]} and {position}){same}")
-        first_seen[row_id] = position
-        fingerprint.update(_canonical_json([row_id, prompt_json]).encode("utf-8") + b"\n")
-        ids.append(row_id)
-        prompt_jsons.append(prompt_json)
-    extras = [n for n in columns.names if n not in ("id", "prompt", *_IGNORED_COLUMNS)]
-    frame = pl.DataFrame([pl.Series("id", ids, dtype=pl.Utf8), pl.Series("prompt", prompt_jsons, dtype=pl.Utf8),
-                          *(_extra_series(name, columns) for name in extras)])
-    return Prompts(source, frame, extras, fingerprint.hexdigest())
-
-
-# ---- the pipeline -------------------------------------------------------------------------------
-
-
 def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
-    started = time.time()
+    started = time.monotonic()
     _check_flags(cfg)
     out = Path(cfg.out)
     work = work_dir(out)
-    prompts = load_prompts(cfg.prompts)
     backend = pick_backend(cfg.backend)
-    sides = {
-        "teacher": _describe(cfg, "--teacher", cfg.teacher, cfg.teacher_revision, backend),
-        "student": _describe(cfg, "--student", cfg.student, cfg.student_revision, backend),
-    }
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "prompts": {"source": str(cfg.prompts), "fingerprint": prompts.fingerprint, "rows": prompts.frame.height},
-        "sampling": asdict(cfg.sampling),
-        "backend": backend,
-        "backend_version": backend_version(backend),
-        "chunk_size": cfg.chunk_size,
-        # hf draws a batch's samples from one RNG stream, so the batching is part of the result
-        "batch_size": cfg.engine.batch_size if backend == "hf" else None,
-        **{role: side["record"] for role, side in sides.items()},
-    }
-    if out.exists():
-        done = _finished_settings(out)
-        if cfg.overwrite:
-            out.unlink()
-        elif done is not None and _guarded(done) == _guarded(settings):
-            return GenerateSummary(str(out), done["rows"], done["dropped"], done["truncated"], {},
-                                   time.time() - started, already_done=True)
-        else:
-            why = f"made with other settings ({', '.join(_changed(done, settings))})" if done else \
-                "not made by dadpo generate"
-            raise DadpoError(f"--out {out}: exists, {why}; pass --overwrite to replace it, or choose another --out")
-    _open_work(work, settings, cfg.overwrite)
-    prompts_file = work / "prompts.parquet"
-    if not prompts_file.exists():
-        write_parquet_atomic(prompts.frame.to_arrow(), prompts_file)
+    existing = _settings_file(work)
+    date = cfg.template_date or (existing or {}).get("template_date") or today()
+    sides = {role: _describe(cfg, role, backend, date) for role in ROLES}
+    with _scratch(out) as scratch:
+        prompts = load_prompts(cfg.prompts, split=cfg.prompts_split, prompt_format=cfg.prompt_format, workdir=scratch)
+        settings = {
+            "format_version": FORMAT_VERSION,
+            "prompts": {"source": str(cfg.prompts), "fingerprint": prompts.fingerprint, "rows": prompts.num_rows,
+                        "prompt_format": cfg.prompt_format},
+            "sampling": asdict(cfg.sampling), "backend": backend, "backend_version": backend_version(backend),
+            "chunk_size": cfg.chunk_size,
+            # hf draws a batch's samples from one RNG stream, so the batching is part of the result
+            "batch_size": cfg.engine.batch_size if backend == "hf" else None,
+            "template_date": date if any(side["record"]["template_date"] for side in sides.values()) else None,
+            **{role: side["record"] for role, side in sides.items()},
+        }
+        if out.exists():
+            done = _finished_settings(out)
+            if cfg.overwrite:
+                out.unlink()
+            elif done is not None and _guarded(done) == _guarded(settings):
+                return GenerateSummary(str(out), done["rows"], done["dropped"], done["truncated"], {},
+                                       time.monotonic() - started, already_done=True)
+            else:
+                why = f"made with other settings ({', '.join(_changed(done, settings))})" if done else \
+                    "not made by dadpo generate"
+                raise DadpoError(f"--out {out}: exists, {why}; pass --overwrite to replace it, or choose another --out")
+        _open_work(work, settings, cfg.overwrite)
+        if not (work / "prompts.parquet").exists():
+            os.replace(prompts.file, work / "prompts.parquet")
 
-    num_chunks = math.ceil(prompts.frame.height / cfg.chunk_size)
-    pass_stats = {}
-    for role in ROLES:
-        todo = [k for k in range(num_chunks) if not _chunk_path(work, role, k).exists()]
-        if todo:
-            job = _PassJob(role, sides[role]["model"], sides[role]["chat"], str(work), todo, cfg, backend)
-            # vLLM does not give all memory back in-process: each model's pass gets its own process
-            pass_stats[role] = call_isolated(run_pass, job) if backend == "vllm" else run_pass(job)
+    num_chunks = math.ceil(prompts.num_rows / cfg.chunk_size)
+    jobs = [_PassJob(role, sides[role]["model"], str(work), [k for k in range(num_chunks)
+                                                             if not _chunk_path(work, role, k).exists()], cfg, backend,
+                     date) for role in ROLES]
+    with stop.handling():
+        # vLLM does not give all memory back in-process: each model's pass gets its own process
+        pass_stats = run_passes(run_pass, [job for job in jobs if job.chunks], isolated=lambda job: backend == "vllm")
     rows, dropped, truncated = _assemble(out, work, num_chunks, settings)
     shutil.rmtree(work, ignore_errors=True)
-    return GenerateSummary(str(out), rows, dropped, truncated, pass_stats, time.time() - started)
+    return GenerateSummary(str(out), rows, dropped, truncated, pass_stats, time.monotonic() - started)
 
 
 def work_dir(out: Path) -> Path:
@@ -214,17 +167,19 @@ def _check_flags(cfg: GenerateConfig) -> None:
         raise DadpoError(f"--out {cfg.out}: name the pairs file .parquet or .jsonl")
     if Path(cfg.out).is_dir():
         raise DadpoError(f"--out {cfg.out}: is a folder, expected a pairs file name")
+    check_date(cfg.template_date)
     torch_dtype(cfg.dtype)
 
 
-def _describe(cfg: GenerateConfig, flag: str, name: str, revision: str | None, backend: str) -> dict:
-    resolved = resolve_model(name, revision, flag)
-    tokenizer = load_tokenizer(resolved, cfg.trust_remote_code, flag)
-    chat = uses_chat_template(tokenizer, cfg.no_chat_template)
-    record = {"model": name, "revision": resolved.revision, "weights_digest": weights_digest(resolved),
-              "tokenizer_digest": tokenizer_digest(tokenizer, chat), "chat_template": chat,
-              "dtype": resolved_dtype(resolved, cfg.dtype)}
-    return {"model": resolved, "chat": chat, "record": record}
+def _describe(cfg: GenerateConfig, role: str, backend: str, date: str) -> dict:
+    flag = f"--{role}"
+    resolved = resolve_model(getattr(cfg, role), getattr(cfg, f"{role}_revision"), flag)
+    kwargs = parse_template_kwargs(getattr(cfg, f"{role}_template_kwargs"), f"--{role}-template-kwargs")
+    tokenizer = model_tokenizer(resolved, flag, no_chat_template=cfg.no_chat_template, template_kwargs=kwargs,
+                                template_date=date, trust_remote_code=cfg.trust_remote_code)
+    record = {"model": getattr(cfg, role), "revision": resolved.revision, "weights_digest": weights_digest(resolved),
+              **tokenizer.record(), "dtype": resolved_dtype(resolved, cfg.dtype)}
+    return {"model": resolved, "record": record}
 
 
 def _guarded(settings: dict) -> dict:
@@ -245,6 +200,29 @@ def _changed(existing: dict, requested: dict) -> list[str]:
         elif a != b:
             names.append(key)
     return names
+
+
+class _scratch:
+    """A temporary folder beside OUT for the normalised prompts, removed on the way out."""
+
+    def __init__(self, out: Path):
+        from dadpo.atomic import temp_path
+
+        self.path = temp_path(out.with_name(out.name + ".prompts"))
+
+    def __enter__(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _settings_file(work: Path) -> dict | None:
+    try:
+        return json.loads((work / "settings.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _open_work(work: Path, settings: dict, overwrite: bool) -> None:
@@ -287,52 +265,56 @@ def _chunk_path(work: Path, role: str, k: int) -> Path:
 class _PassJob:
     role: str
     model: ResolvedModel
-    chat: bool
     work: str
     chunks: list
     cfg: GenerateConfig
     backend: str
+    date: str
 
 
 def run_pass(job: _PassJob) -> dict:
-    """Generate job.role's responses for job.chunks, one part file per chunk."""
-    from tqdm import tqdm
-
+    """Sample job.role's responses for job.chunks, one part file per chunk."""
     cfg = job.cfg
-    tokenizer = load_tokenizer(job.model, cfg.trust_remote_code)
+    tokenizer = model_tokenizer(job.model, f"--{job.role}", no_chat_template=cfg.no_chat_template,
+                                template_kwargs=parse_template_kwargs(getattr(cfg, f"{job.role}_template_kwargs"),
+                                                                      f"--{job.role}-template-kwargs"),
+                                template_date=job.date, trust_remote_code=cfg.trust_remote_code)
     prompts = pl.read_parquet(Path(job.work) / "prompts.parquet", columns=["id", "prompt"])
-    engine = make_sampler(job.backend, job.model, tokenizer, job.chat, cfg.sampling, job.role, cfg.dtype, cfg.engine,
+    engine = make_sampler(job.backend, job.model, tokenizer, cfg.sampling, job.role, cfg.dtype, cfg.engine,
                           cfg.trust_remote_code)
-    bar = tqdm(total=sum(min(cfg.chunk_size, prompts.height - k * cfg.chunk_size) for k in job.chunks),
-               desc=f"generate {job.role} {job.model.name} [{job.backend}]", unit="prompt",
-               disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
+    progress = Progress(f"generate {job.role} {job.model.name} [{job.backend}]", len(job.chunks), "chunk",
+                        cfg.progress)
     responses = tokens = 0
-    started = time.time()
     try:
         for k in job.chunks:
             rows = prompts.slice(k * cfg.chunk_size, cfg.chunk_size)
             prompt_ids = []
             for row_id, prompt_json in rows.iter_rows():
-                where = f"{cfg.prompts} id '{row_id}' ({job.role} {job.model.name})"
-                prompt_ids.append(encode_prompt(tokenizer, prompt_messages(prompt_json), job.chat, where))
+                where = f"{cfg.prompts} id '{row_id}' (--{job.role} {job.model.name})"
+                prompt_ids.append(tokenizer.encode_prompt(decode_prompt(prompt_json), where))
                 engine.check_length(len(prompt_ids[-1]), where)
             outputs = engine.generate(prompt_ids, rows["id"].to_list(), k)  # [(token ids, finish reason)]
-            texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs]
+            stops = set(tokenizer.stop_ids)
             table = pa.table({
                 "id": pa.array(rows["id"].to_list(), pa.string()),
-                "response": pa.array(texts, pa.string()),
+                "response": pa.array([tokenizer.decode([t for t in ids if t not in stops]) for ids, _ in outputs],
+                                     pa.string()),
+                "token_ids": pa.array([ids for ids, _ in outputs], pa.list_(pa.int32())),
                 "finish_reason": pa.array([reason for _, reason in outputs], pa.string()),
-                "num_tokens": pa.array([len(ids) for ids, _ in outputs], pa.int32()),
             })
             write_parquet_atomic(table, _chunk_path(Path(job.work), job.role, k))
             responses += rows.height
             tokens += sum(len(ids) for ids, _ in outputs)
-            bar.update(rows.height)
+            progress.tokens(sum(len(ids) for ids, _ in outputs))
+            progress.unit_done()
+            if stop.requested():
+                break  # the chunk in flight is published; the rest waits for the re-run
     finally:
-        bar.close()
+        progress.close()
         engine.close()
-    seconds = time.time() - started
-    return {"responses": responses, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+    seconds = progress.seconds()
+    return {"responses": responses, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "vocab_digest": tokenizer.vocab}
 
 
 # ---- assembly -----------------------------------------------------------------------------------
@@ -354,29 +336,34 @@ def _assemble(out: Path, work: Path, num_chunks: int, settings: dict) -> tuple[i
     truncated = {role: int((parts[role]["finish_reason"] == "length").sum()) for role in ROLES}
     keep = ~prompts["id"].is_in(list(dropped))
     assistant = lambda texts: [[{"role": "assistant", "content": t}] for t in texts]  # noqa: E731
-    # TRL's conversational preference format: prompt and both responses as message lists.
+    vocab = {role: settings[role]["vocab_digest"] for role in ROLES}
+    prompt_values = [decode_prompt(p) for p in prompts["prompt"]]
+    if out.suffix.lower() == ".parquet" and len({type(p) for p in prompt_values}) > 1:
+        raise DadpoError(f"--out {out}: the prompts mix raw text and message lists, which one Parquet column cannot "
+                         "hold; name the output .jsonl")
+    # TRL's conversational preference format (prompt and both responses as message lists), plus
+    # each response's sampled ids (pairs v2): cache-teacher scores exactly those.
     frame = pl.concat([pl.DataFrame({
         "id": prompts["id"],
-        "prompt": [prompt_messages(p) for p in prompts["prompt"]],
+        "prompt": prompt_values,
         "chosen": assistant(teacher["response"]),
         "rejected": assistant(student["response"]),
-        "teacher_finish_reason": teacher["finish_reason"],
-        "student_finish_reason": student["finish_reason"],
-    }), prompts.drop("id", "prompt")], how="horizontal").filter(keep)
+        "chosen_token_ids": teacher["token_ids"], "chosen_token_ids_vocab": [vocab["teacher"]] * teacher.height,
+        "chosen_finish_reason": teacher["finish_reason"],
+        "rejected_token_ids": student["token_ids"], "rejected_token_ids_vocab": [vocab["student"]] * student.height,
+        "rejected_finish_reason": student["finish_reason"],
+    }, strict=False), prompts.drop("id", "prompt")], how="horizontal").filter(keep)
     record = {**settings, "rows": frame.height, "dropped": dropped, "truncated": truncated}
     metadata = json.dumps(record, ensure_ascii=False)
     # The sidecar first: a crash between the two leaves no output, so the re-run redoes the assembly.
     write_json_atomic(sidecar_path(out), record)
     if out.suffix.lower() == ".parquet":
-        table = frame.to_arrow()
-        write_parquet_atomic(table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                                            METADATA_KEY.encode(): metadata.encode()}), out)
+        write_parquet_atomic(frame.to_arrow(), out, metadata={METADATA_KEY: metadata})
     else:
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for row in frame.iter_rows(named=True):
-                handle.write(_canonical_json(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
+        def write_jsonl(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for row in frame.iter_rows(named=True):
+                    handle.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+        write_atomic(out, write_jsonl)
     return frame.height, dropped, truncated

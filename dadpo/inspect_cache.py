@@ -22,11 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from dadpo.atomic import write_atomic
 from dadpo.cache import open_cache
+from dadpo.cache.layout import REFERENCE, teacher_prefix
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-_COLUMNS = ["teacher_logp_chosen", "teacher_logp_rejected", "ref_logp_chosen", "ref_logp_rejected",
-            "teacher_ntok_chosen", "teacher_ntok_rejected", "ref_ntok_chosen", "ref_ntok_rejected"]
+
+
+def _suffix(name: str) -> str:
+    return f"[{name}]" if name else ""
 
 
 @dataclass
@@ -51,29 +55,36 @@ class Distribution:
 @dataclass
 class CacheReport:
     path: str
-    teacher: str
+    teachers: dict  # name -> model ("" names a single unnamed teacher; {} for a reference-only cache)
     reference: str
     rows: int
     pairs_in_source: int
     dropped: int
-    tokens: dict  # "teacher"/"ref" -> {"chosen": total, "rejected": total}
-    margins: dict  # "h_te", "h_ref", "d_te" -> Distribution
+    tokens: dict  # column prefix (teacher, teacher_NAME, ref) -> {"chosen": total, "rejected": total}
+    margins: dict  # "h_ref", then "h_te", "d_te" per teacher ("h_te[NAME]", "d_te[NAME]") -> Distribution
     values: dict  # the same names -> np.ndarray, for plotting
+
+    @property
+    def teacher(self) -> str:
+        return ", ".join(f"{name}={model}" if name else model for name, model in self.teachers.items()) or "none"
 
 
 def inspect_cache(path: str | os.PathLike) -> CacheReport:
     cache = open_cache(path, flag="CACHE")
-    frame = cache.read(_COLUMNS)
+    prefixes = [teacher_prefix(name) for name in cache.teachers] + [REFERENCE]
+    frame = cache.read([f"{p}_{kind}_{side}" for p in prefixes for kind in ("logp", "ntok")
+                        for side in ("chosen", "rejected")])
     column = lambda name: frame[name].to_numpy().astype(np.float64) if frame.height else np.zeros(0)  # noqa: E731
-    h_te = column("teacher_logp_chosen") - column("teacher_logp_rejected")
     h_ref = column("ref_logp_chosen") - column("ref_logp_rejected")
-    values = {"h_te": h_te, "h_ref": h_ref, "d_te": h_te - h_ref}
-    tokens = {model: {side: int(column(f"{model}_ntok_{side}").sum()) for side in ("chosen", "rejected")}
-              for model in ("teacher", "ref")}
+    h_te = {name: column(f"{teacher_prefix(name)}_logp_chosen") - column(f"{teacher_prefix(name)}_logp_rejected")
+            for name in cache.teachers}
+    values = {**{f"h_te{_suffix(name)}": h for name, h in h_te.items()}, "h_ref": h_ref,
+              **{f"d_te{_suffix(name)}": h - h_ref for name, h in h_te.items()}}
+    tokens = {p: {side: int(column(f"{p}_ntok_{side}").sum()) for side in ("chosen", "rejected")} for p in prefixes}
     manifest = cache.manifest
-    return CacheReport(str(path), cache.teacher["model"], cache.reference["model"], frame.height,
-                       manifest["pairs"]["rows"], manifest["totals"]["dropped"], tokens,
-                       {name: Distribution.of(v) for name, v in values.items()}, values)
+    return CacheReport(str(path), {name: record["model"] for name, record in cache.teachers.items()},
+                       cache.reference["model"], frame.height, manifest["pairs"]["rows"], manifest["totals"]["dropped"],
+                       tokens, {name: Distribution.of(v) for name, v in values.items()}, values)
 
 
 def format_report(report: CacheReport) -> str:
@@ -86,21 +97,21 @@ def format_report(report: CacheReport) -> str:
         f"{report.dropped} dropped by the length rule",
         "  tokens     total (mean per pair)        chosen (teacher response)   rejected (student response)",
     ]
-    for model, label in (("teacher", "teacher"), ("ref", "reference")):
-        counts = report.tokens[model]
+    for model, counts in report.tokens.items():
+        label = "reference" if model == REFERENCE else model.replace("teacher_", "teacher ")
         lines.append(f"    {label:<31}" + "".join(
             f"{counts[side]:>12} ({counts[side] / rows:>8.1f})     " for side in ("chosen", "rejected")).rstrip())
     header = "  ".join(f"{'q' + format(q * 100, 'g'):>8}" for q in QUANTILES)
     lines += ["", f"  {'margin':<6} {'mean':>9} {'sd':>9} {'min':>9}  {header}  {'max':>9}"]
-    for name, label in (("h_te", "h_te"), ("h_ref", "h_ref"), ("d_te", "d_te")):
-        d = report.margins[name]
-        lines.append(f"  {label:<6} {_num(d.mean)} {_num(d.sd)} {_num(d.min)}  "
+    for name, d in report.margins.items():
+        lines.append(f"  {name:<6} {_num(d.mean)} {_num(d.sd)} {_num(d.min)}  "
                      + "  ".join(_num(d.quantiles[q], 8) for q in QUANTILES) + f"  {_num(d.max)}")
     lines += [
         "",
         "  h_te = log te(chosen) - log te(rejected); h_ref likewise under the reference; d_te = h_te - h_ref.",
-        f"  pairs where the teacher prefers its own response (h_te > 0): {_share(report.values['h_te'] > 0)}; "
-        f"the reference does (h_ref > 0): {_share(report.values['h_ref'] > 0)}",
+        *[f"  pairs where the teacher{' ' + name if name else ''} prefers its own response (h_te > 0): "
+          f"{_share(report.values[f'h_te{_suffix(name)}'] > 0)}" for name in report.teachers],
+        f"  pairs where the reference prefers the teacher's response (h_ref > 0): {_share(report.values['h_ref'] > 0)}",
     ]
     return "\n".join(lines)
 
@@ -120,10 +131,12 @@ def plot_histograms(report: CacheReport, png: str | os.PathLike) -> Path:
     matplotlib.use("Agg")  # files only: no display needed (servers, CI)
     import matplotlib.pyplot as plt
 
-    titles = {"h_te": "h_te = log te(y_t) - log te(y_s)", "h_ref": "h_ref = log ref(y_t) - log ref(y_s)",
-              "d_te": "d_te = h_te - h_ref"}
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-    for axis, (name, title) in zip(axes, titles.items()):
+    titles = {"h_ref": "h_ref = log ref(y_t) - log ref(y_s)"}
+    for name in report.teachers:
+        titles[f"h_te{_suffix(name)}"] = f"h_te{_suffix(name)} = log te(y_t) - log te(y_s)"
+        titles[f"d_te{_suffix(name)}"] = f"d_te{_suffix(name)} = h_te - h_ref"
+    figure, axes = plt.subplots(1, len(titles), figsize=(5 * len(titles), 4), constrained_layout=True, squeeze=False)
+    for axis, (name, title) in zip(axes[0], titles.items()):
         values = report.values[name]
         finite = values[np.isfinite(values)]
         if finite.size:
@@ -138,10 +151,6 @@ def plot_histograms(report: CacheReport, png: str | os.PathLike) -> Path:
         axis.set_ylabel("pairs")
     figure.suptitle(f"{report.path}: {report.rows} pairs (teacher {report.teacher}, reference {report.reference})",
                     fontsize=10)
-    out = Path(png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    figure.savefig(tmp, dpi=100)
+    out = write_atomic(Path(png), lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
     plt.close(figure)
-    os.replace(tmp, out)
     return out

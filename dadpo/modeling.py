@@ -130,6 +130,28 @@ def load_tokenizer(model: ResolvedModel, trust_remote_code: bool = False, flag: 
     return tokenizer
 
 
+def generation_eos(model: ResolvedModel) -> tuple[int, ...]:
+    """The eos ids of the model's generation_config.json (where generation stops), if it has one."""
+    try:
+        config = json.loads((Path(model.local_path) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    value = config.get("eos_token_id") if isinstance(config, dict) else None
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return tuple(int(v) for v in values if isinstance(v, int))
+
+
+def model_tokenizer(model: ResolvedModel, flag: str, *, no_chat_template: bool = False,
+                    template_kwargs: dict | None = None, template_date: str | None = None,
+                    trust_remote_code: bool = False):
+    """The model's side of the tokenization rule (dadpo.tokenization.ModelTokenizer)."""
+    from dadpo.tokenization import ModelTokenizer
+
+    return ModelTokenizer(load_tokenizer(model, trust_remote_code, flag), f"{flag} {model.name}",
+                          chat=not no_chat_template, template_kwargs=dict(template_kwargs or {}),
+                          template_date=template_date, generation_eos=generation_eos(model))
+
+
 def check_dtype(name: str, flag: str = "--dtype") -> None:
     """Validate a dtype name without importing torch (flag errors should come fast)."""
     if name not in DTYPES:
@@ -160,13 +182,16 @@ def load_causal_lm(model: ResolvedModel, dtype: str, trust_remote_code: bool = F
     return lm.eval()
 
 
-def resolved_dtype(model: ResolvedModel, dtype: str) -> str:
-    """The dtype actually used: 'auto' means the config's own dtype (float32 if it names none)."""
-    if dtype != "auto":
-        return dtype
-    config = json.loads((Path(model.local_path) / "config.json").read_text())
+def config_dtype(model_path: str) -> str:
+    """The dtype a checkpoint's config names (float32 if it names none)."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
     named = config.get("dtype") or config.get("torch_dtype") or "float32"
     return str(named).replace("torch.", "")
+
+
+def resolved_dtype(model: ResolvedModel, dtype: str) -> str:
+    """The dtype actually used: 'auto' means the config's own dtype."""
+    return dtype if dtype != "auto" else config_dtype(model.local_path)
 
 
 def max_positions(model: ResolvedModel) -> int | None:
@@ -217,3 +242,46 @@ def _file_sha256(file: Path) -> str:
     except OSError:
         pass  # the memo only saves time
     return memo[key]
+
+
+# ---------------------------------------------------------------- the policy a recipe trains
+
+
+def load_policy(cfg, model: ResolvedModel, checkpoint: Path | None = None):
+    """The causal LM to train (cfg: a LoopConfig), from `model`, or from a checkpoint's weights when
+    resuming: dtype, attention implementation, gradient checkpointing, LoRA (peft)."""
+    from transformers import AutoModelForCausalLM
+
+    from dadpo.training.run_folder import ADAPTER_DIR, MODEL_DIR
+
+    source = model.local_path
+    if checkpoint is not None and not cfg.lora_r:
+        source = str(checkpoint / MODEL_DIR)
+    kwargs = {"dtype": torch_dtype(cfg.dtype), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        with _quiet_transformers():
+            lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:  # transformers raises many types; the user needs one line
+        raise DadpoError(f"--model {model.name}: cannot load the model from {source} ({_first_line(exc)})") from None
+    lm.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        if not getattr(lm, "supports_gradient_checkpointing", False):
+            raise DadpoError(f"--gradient-checkpointing: {model.name} ({type(lm).__name__}) does not support it")
+        # non-reentrant: works with frozen inputs (LoRA) and with DDP without extra flags
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not cfg.lora_r:
+        return lm
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(lm, str(checkpoint / ADAPTER_DIR), is_trainable=True)
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else \
+        [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=cfg.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(lm, config)
+    except ValueError as exc:
+        raise DadpoError(f"--lora-targets {cfg.lora_targets}: {_first_line(exc)}") from None

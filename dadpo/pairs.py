@@ -329,3 +329,32 @@ def load_pairs(path: str | os.PathLike) -> Pairs:
         ]
     )
     return Pairs(source, frame, extra_columns, fingerprint.hexdigest())
+
+
+# ---- pairs v2 response columns (interim; the full v2 loader replaces this module) ----------------
+
+PROMPT_FORMATS = ("chat", "raw")
+RESPONSE_FIELDS = ("token_ids", "token_ids_vocab", "finish_reason")
+
+
+@dataclass(frozen=True)
+class Response:
+    """One response of a pair: its text and, when `dadpo generate` sampled it, the sampled ids."""
+
+    text: str
+    token_ids: tuple[int, ...] | None = None  # as sampled, the stop token included
+    token_ids_vocab: str | None = None  # names the vocabulary of token_ids
+    finish_reason: str = "stop"  # "length": cut at the length limit, so no end of turn
+
+
+def pair_responses(row: dict) -> tuple[Response, Response]:
+    def response(side: str) -> Response:
+        ids = row.get(f"{side}_token_ids")
+        return Response(row[side], tuple(ids) if ids is not None else None, row.get(f"{side}_token_ids_vocab"),
+                        row.get(f"{side}_finish_reason") or "stop")
+
+    return response("chosen"), response("rejected")
+
+
+def decode_prompt(prompt_json: str) -> list[dict] | str:
+    return json.loads(prompt_json)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dadpo.atomic import write_atomic
 from dadpo.errors import DadpoError
 
 PANELS = [("loss", "loss"), ("margin", "margin (u)"), ("reward_accuracy", "reward accuracy")]
@@ -96,7 +97,5 @@ def plot_runs(paths: list[str], out: str, smooth: int = 1, width: float = 15.0, 
     figure.tight_layout()
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp.png")
-    figure.savefig(tmp, format="png")
-    tmp.replace(target)
+    write_atomic(target, lambda tmp: figure.savefig(tmp, format="png"))
     return target, runs

@@ -1,13 +1,14 @@
 """Drawing responses from one model: the hf and vllm samplers behind `dadpo generate`.
 
-A sampler takes prompt token ids (made by dadpo.tokenization.encode_prompt: samplers never
-tokenize prompts), samples until the model's end-of-turn token or max_new_tokens, and returns
-the response token ids without that token, plus why it ended ("stop" or "length").
+A sampler takes prompt token ids (made by dadpo.tokenization: samplers never tokenize), samples
+until one of the model's stop tokens (ModelTokenizer.stop_ids) or max_new_tokens, and returns the
+sampled ids, the stop token included, and why it ended ("stop" or "length"). Those ids are exactly
+what cache-teacher later scores for this model (tokenization rule v2).
 
-    hf    batched model.generate: prompts left-padded, similar lengths batched together; the
-          torch RNG is seeded per call from (seed, stream, chunk)
-    vllm  vllm.LLM.generate on TokensPrompt; every prompt gets its own seed from (seed, stream, id),
-          so results do not depend on batching. Needs an `if __name__ == "__main__":` guard.
+    hf    batched model.generate: prompts left-padded, similar lengths batched together; the torch
+          RNG is seeded per call from (seed, stream, chunk)
+    vllm  vllm.LLM.generate on TokensPrompt (dadpo.engine); every prompt gets its own seed from
+          (seed, stream, id), so results do not depend on batching. Needs an `if __name__ == "__main__":` guard.
 
 sample_responses() is the one-call version (e.g. greedy evaluation of a trained student).
 """
@@ -15,24 +16,24 @@ sample_responses() is the one-call version (e.g. greedy evaluation of a trained 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
+from dadpo.engine import EngineOptions, build_llm, checkpoint_dtype, shutdown_llm
 from dadpo.errors import DadpoError
-from dadpo.modeling import ResolvedModel, load_tokenizer, max_positions, resolve_model, resolved_dtype
-from dadpo.scoring.base import EngineOptions
-from dadpo.tokenization import encode_prompt, uses_chat_template
+from dadpo.modeling import ResolvedModel, max_positions, model_tokenizer, resolve_model
+from dadpo.options import option
+from dadpo.tokenization import ModelTokenizer, today
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How responses are drawn; temperature 0 is greedy decoding."""
 
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = option(512, "Longest response, in tokens.")
+    temperature: float = option(1.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = option(1.0, "Nucleus sampling mass.")
+    seed: int = option(0, "Sampling seed; the same seed and settings give the same pairs, interrupted or not.")
 
 
 def derived_seed(*parts) -> int:
@@ -40,42 +41,23 @@ def derived_seed(*parts) -> int:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def stop_token_ids(tokenizer, chat: bool, generation_config=None) -> list[int]:
-    """Where a response ends: the eos token(s) and, in chat mode, the token the chat template puts
-    right after an assistant message (e.g. <|im_end|>, <|eot_id|>), when it is a special token."""
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
-        ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
-    if chat:
-        marker = "\u2063dadpo-end\u2063"  # text no template would produce on its own
-        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-        if marker in rendered:
-            after = tokenizer(rendered.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
-            if after and after[0] in set(tokenizer.all_special_ids):
-                ids.add(after[0])
-    if not ids:
-        raise DadpoError("the tokenizer has no eos token and its chat template no end-of-turn token, "
-                         "so a response would never end")
-    return sorted(ids)
-
-
-def _trim(ids: list[int], stops: set[int]) -> tuple[list[int], str]:
+def finish(ids: list[int], stops: set[int]) -> tuple[list[int], str]:
+    """Sampled ids up to and including the first stop token ("stop"), or all of them ("length")."""
     for i, token in enumerate(ids):
         if token in stops:
-            return ids[:i], "stop"
+            return ids[: i + 1], "stop"
     return ids, "length"
 
 
-def make_sampler(backend: str, model: ResolvedModel, tokenizer, chat: bool, sampling: Sampling, stream: str,
+def make_sampler(backend: str, model: ResolvedModel, tokenizer: ModelTokenizer, sampling: Sampling, stream: str,
                  dtype: str = "auto", engine: EngineOptions = EngineOptions(), trust_remote_code: bool = False):
     """An HFSampler or VLLMSampler; `stream` (e.g. "teacher") keeps two models' random draws apart."""
     cls = VLLMSampler if backend == "vllm" else HFSampler
-    return cls(model, tokenizer, chat, sampling, stream, dtype, engine, trust_remote_code)
+    return cls(model, tokenizer, sampling, stream, dtype, engine, trust_remote_code)
 
 
 class HFSampler:
-    def __init__(self, model: ResolvedModel, tokenizer, chat: bool, sampling: Sampling, stream: str,
+    def __init__(self, model: ResolvedModel, tokenizer: ModelTokenizer, sampling: Sampling, stream: str,
                  dtype: str = "auto", engine: EngineOptions = EngineOptions(), trust_remote_code: bool = False):
         import torch
 
@@ -85,8 +67,8 @@ class HFSampler:
         self.torch, self.sampling, self.stream, self.batch_size = torch, sampling, stream, engine.batch_size
         self.device = engine.device or default_device()
         self.model = load_causal_lm(model, dtype, trust_remote_code).to(self.device)
-        self.stops = stop_token_ids(tokenizer, chat, getattr(self.model, "generation_config", None))
-        self.pad_id = self.stops[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        self.stops = list(tokenizer.stop_ids)
+        self.pad_id = self.stops[0] if tokenizer.tokenizer.pad_token_id is None else tokenizer.tokenizer.pad_token_id
         self.limit = max_positions(model)
 
     def check_length(self, n: int, where: str) -> None:
@@ -119,7 +101,7 @@ class HFSampler:
                 out = self.model.generate(input_ids=input_ids.to(self.device),
                                           attention_mask=attention_mask.to(self.device), generation_config=config)
             for row, i in enumerate(batch):
-                results[i] = _trim(out[row, width:].tolist(), set(self.stops))
+                results[i] = finish(out[row, width:].tolist(), set(self.stops))
         return results
 
     def close(self) -> None:
@@ -130,32 +112,15 @@ class HFSampler:
 
 
 class VLLMSampler:
-    def __init__(self, model: ResolvedModel, tokenizer, chat: bool, sampling: Sampling, stream: str,
+    def __init__(self, model: ResolvedModel, tokenizer: ModelTokenizer, sampling: Sampling, stream: str,
                  dtype: str = "auto", engine: EngineOptions = EngineOptions(), trust_remote_code: bool = False):
-        import logging
+        from vllm import SamplingParams
 
-        # As in dadpo.scoring.vllm: before vllm is imported, quiet logs and a small CPU KV cache.
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from transformers import GenerationConfig
-        from vllm import LLM, SamplingParams
-
-        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
         self.SamplingParams, self.sampling, self.stream = SamplingParams, sampling, stream
-        args = dict(model=model.local_path, revision=model.revision, dtype=resolved_dtype(model, dtype),
-                    trust_remote_code=trust_remote_code, tensor_parallel_size=engine.tensor_parallel_size,
-                    seed=sampling.seed, skip_tokenizer_init=True)  # we pass ids and decode ourselves
-        for key in ("gpu_memory_utilization", "max_model_len", "max_num_batched_tokens"):
-            if getattr(engine, key) is not None:
-                args[key] = getattr(engine, key)
-        args.update(engine.extra)
-        self.llm = LLM(**args)
+        self.llm = build_llm(model.local_path, model.revision, checkpoint_dtype(model.local_path, dtype), engine,
+                             trust_remote_code, seed=sampling.seed)
         self.limit = int(self.llm.llm_engine.model_config.max_model_len)
-        try:
-            generation_config = GenerationConfig.from_pretrained(model.local_path)
-        except Exception:  # no generation_config.json: the tokenizer's eos is enough
-            generation_config = None
-        self.stops = stop_token_ids(tokenizer, chat, generation_config)
+        self.stops = list(tokenizer.stop_ids)
 
     def check_length(self, n: int, where: str) -> None:
         if n >= self.limit:
@@ -171,30 +136,29 @@ class VLLMSampler:
             for p, row_id in zip(prompt_ids, ids)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
                                     use_tqdm=False)
-        return [_trim(list(o.outputs[0].token_ids), set(self.stops)) for o in outputs]
+        return [finish(list(o.outputs[0].token_ids), set(self.stops)) for o in outputs]
 
     def close(self) -> None:
-        llm = self.__dict__.pop("llm", None)
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # best effort: `dadpo generate` runs each vllm pass in its own process anyway
-            pass
+        shutdown_llm(self.__dict__.pop("llm", None))
 
 
-def sample_responses(model: str, prompts: Sequence[list[dict]], sampling: Sampling = Sampling(temperature=0.0),
+def sample_responses(model: str, prompts: Sequence[list[dict] | str], sampling: Sampling = Sampling(temperature=0.0),
                      backend: str = "hf", dtype: str = "auto", engine: EngineOptions = EngineOptions(),
-                     no_chat_template: bool = False, trust_remote_code: bool = False) -> list[str]:
-    """One response per prompt (a list of {role, content} messages) from `model`, decoded without
-    special tokens; greedy by default. For evaluation; `dadpo generate` is the resumable pipeline."""
+                     no_chat_template: bool = False, trust_remote_code: bool = False,
+                     template_kwargs: dict | None = None) -> list[str]:
+    """One response per prompt (a list of {role, content} messages, or raw text) from `model`, decoded
+    without special tokens; greedy by default. For evaluation; `dadpo generate` is the resumable pipeline."""
     resolved = resolve_model(model)
-    tokenizer = load_tokenizer(resolved, trust_remote_code)
-    chat = uses_chat_template(tokenizer, no_chat_template)
-    prompt_ids = [encode_prompt(tokenizer, messages, chat, f"prompt {i}") for i, messages in enumerate(prompts)]
-    sampler = make_sampler(backend, resolved, tokenizer, chat, sampling, "sample", dtype, engine, trust_remote_code)
+    tokenizer = model_tokenizer(resolved, "--model", no_chat_template=no_chat_template, template_kwargs=template_kwargs,
+                                template_date=today(), trust_remote_code=trust_remote_code)
+    prompt_ids = [tokenizer.encode_prompt(messages, f"prompt {i}") for i, messages in enumerate(prompts)]
+    sampler = make_sampler(backend, resolved, tokenizer, sampling, "sample", dtype, engine, trust_remote_code)
     try:
         for i, ids in enumerate(prompt_ids):
             sampler.check_length(len(ids), f"prompt {i}")
         outputs = sampler.generate(prompt_ids, [str(i) for i in range(len(prompt_ids))])
     finally:
         sampler.close()
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs]
+    stops = set(tokenizer.stop_ids)
+    return [tokenizer.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+            for ids, _ in outputs]

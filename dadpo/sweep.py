@@ -8,25 +8,27 @@ student: the teacher and reference models are never needed again (their folders 
     RUNS/summary.md          the same as a markdown table
     RUNS/summary.png         eval loss, reward accuracy and margin per (beta1, beta2)
 
-A point whose folder holds summary.json is finished and skipped on a re-run (after checking
-it was trained with the same settings); one with checkpoints is resumed. beta2 = 0 points are
-dDPO, beta1 = 0 points rDPO; beta1 = beta2 = 0 is skipped (the loss would be constant).
+A point whose folder holds a readable summary.json is finished and skipped on a re-run (after
+checking it was trained with the same settings); one with checkpoints is resumed; one left half
+written (a damaged summary, no checkpoints) is trained again. beta2 = 0 points are dDPO, beta1 = 0
+points rDPO; beta1 = beta2 = 0 is skipped (the loss would be constant).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from dadpo.atomic import write_atomic
 from dadpo.cache import open_cache
-from dadpo.checkpoint import list_checkpoints
 from dadpo.errors import DadpoError
-from dadpo.train import TrainConfig, cache_fingerprint, policy_start, train
-from dadpo.training import check_loop_flags, plan_steps, run_differences, run_record, split_eval
+from dadpo.recipes.dadpo import TrainConfig, cache_fingerprint, policy_start, teacher_weights, train
+from dadpo.training import run_differences
+from dadpo.training.checkpoint import list_checkpoints
+from dadpo.training.run_folder import RunFolder
 
 METRICS = [("eval_loss", "eval loss"), ("eval_reward_accuracy", "eval reward accuracy"), ("eval_margin", "eval margin")]
 COLUMNS = ["beta1", "beta2", "method", "run", "status", "steps", "final_loss", "final_reward_accuracy",
@@ -65,18 +67,18 @@ def run_sweep(base: TrainConfig, beta1s: list[float], beta2s: list[float],
 
     if not beta1s or not beta2s:
         raise DadpoError("--beta1 and --beta2 each need at least one value")
-    check_loop_flags(replace(base, resume=False))
+    replace(base, resume=False).check()
     root = Path(base.out)
     # Fail before the first run if the policy start cannot be found (e.g. the reference folder
     # was deleted after caching and no --model was given) or does not match the cache.
     cache = open_cache(base.cache)
     model, _ = policy_start(base.model, cache, base.trust_remote_code)
+    if base.teacher_weights or any(b > 0 for b in beta2s):
+        teacher_weights(cache, base.teacher_weights, max(beta2s))
     state = PartialState()
-    train_rows, _ = split_eval(cache.read(["id"]), base.eval_fraction)
-    global_batch, _, total_steps = plan_steps(base, train_rows.height, state.num_processes, "pairs")
     # what train() records for a run, less beta1/beta2: to tell whether a finished point is this sweep's
-    shared_record = {"model": model.name, "cache_fingerprint": cache_fingerprint(cache), "global_batch": global_batch,
-                     "total_steps": total_steps,
+    shared_record = {"model": model.name, "cache_fingerprint": cache_fingerprint(cache),
+                     "global_batch": base.batch_size * base.grad_accum * state.num_processes,
                      "mixed_precision": base.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")}
     points = [(b1, b2) for b1 in beta1s for b2 in beta2s]
     main = state.is_main_process
@@ -90,14 +92,15 @@ def run_sweep(base: TrainConfig, beta1s: list[float], beta2s: list[float],
                             "status": "skipped (beta1 = beta2 = 0)"})
             continue
         cfg = replace(base, out=str(root / name), beta1=beta1, beta2=beta2, resume=False)
-        finished = root / name / "summary.json"
-        if finished.exists() and not base.overwrite:
-            _check_same_settings(root / name, run_record(cfg, shared_record))
+        run = RunFolder(root / name)
+        finished = run.finished_summary()
+        if finished is not None and not base.overwrite:
+            _check_same_settings(run, cfg.record(shared_record))
             say(f"{where}: finished earlier, skipped")
-            summary, status = json.loads(finished.read_text()), "finished earlier"
+            summary, status = finished, "finished earlier"
         else:
-            cfg.resume = bool(list_checkpoints(root / name)) and not base.overwrite
-            say(f"{where}: {'resuming' if cfg.resume else 'training'} -> {root / name}")
+            cfg.resume = bool(list_checkpoints(run.path)) and not base.overwrite
+            say(f"{where}: {'resuming' if cfg.resume else 'training'} -> {run.path}")
             summary, status = train(cfg), "trained"
         results.append(_result_row(beta1, beta2, name, status, summary))
     if main:
@@ -106,11 +109,11 @@ def run_sweep(base: TrainConfig, beta1s: list[float], beta2s: list[float],
     return results
 
 
-def _check_same_settings(run_dir: Path, now: dict) -> None:
-    before = json.loads((run_dir / "train_config.json").read_text())
+def _check_same_settings(run: RunFolder, now: dict) -> None:
+    before = run.record() or {}
     changed = run_differences({k: v for k, v in before.items() if k in now}, now)
     if changed:
-        raise DadpoError(f"{run_dir}: finished earlier with other settings ({'; '.join(changed)}); use another --out, "
+        raise DadpoError(f"{run.path}: finished earlier with other settings ({'; '.join(changed)}); use another --out, "
                          "or --overwrite to retrain every point")
 
 
@@ -132,15 +135,9 @@ def write_summary(root: Path, results: list[dict]) -> None:
     rows = [{column: row.get(column) for column in COLUMNS} for row in results]
     frame = pl.DataFrame(rows, schema={c: (pl.Float64 if c not in ("method", "run", "status", "steps") else
                                            pl.Int64 if c == "steps" else pl.Utf8) for c in COLUMNS})
-    _atomic(root / "summary.csv", lambda tmp: frame.write_csv(tmp))
-    _atomic(root / "summary.md", lambda tmp: Path(tmp).write_text(summary_markdown(rows)))
-    _atomic(root / "summary.png", lambda tmp: plot_grid(rows, tmp))
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    tmp.replace(path)
+    write_atomic(root / "summary.csv", lambda tmp: frame.write_csv(tmp))
+    write_atomic(root / "summary.md", lambda tmp: Path(tmp).write_text(summary_markdown(rows)))
+    write_atomic(root / "summary.png", lambda tmp: plot_grid(rows, tmp))
 
 
 def summary_markdown(rows: list[dict]) -> str:
@@ -193,4 +190,4 @@ def plot_grid(rows: list[dict], path: Path) -> None:
         axes.set_ylabel("beta1 (reference)")
         axes.set_title(title)
     figure.tight_layout()
-    figure.savefig(path, format="png")
+    figure.savefig(path, format="png")  # (the caller writes through dadpo.atomic)

@@ -13,7 +13,7 @@ import pathlib
 import random
 
 # Bump when the build recipe changes, so cached demo models get rebuilt.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 _MARKER = "dadpo_tiny.json"
 
 # ChatML. Every message, assistant included, renders the same way, so the prompt rendered
@@ -38,6 +38,81 @@ STUDENT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|> ' -}}{%- endif -%}"
 )
+
+# Test templates that reproduce what real chat templates do (ChatML markers, so the tiny teacher
+# tokenizer's special tokens apply; <think> and </think> are added, non-special tokens as in Qwen3
+# and the DeepSeek-R1 distills). Written for dadpo's tests and demo; each names the behaviour it copies.
+TEMPLATES = {
+    "chatml": TEACHER_CHAT_TEMPLATE,
+    # DeepSeek-R1-Distill / QwQ: the generation prompt opens <think>, and an assistant turn keeps only
+    # what follows </think>.
+    "think": (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- set content = message['content'] -%}"
+        "{%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
+        "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' -}}"
+        "{%- else -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}"
+    ),
+    # Qwen3: enable_thinking=false closes an empty think block in the generation prompt; reasoning is
+    # dropped from turns before the last user message; the last assistant turn always shows a think block.
+    "thinking_switch": (
+        "{%- set ns = namespace(last_user=0) -%}"
+        "{%- for message in messages -%}{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- set content = message['content'] -%}{%- set reasoning = '' -%}"
+        "{%- if '</think>' in content -%}"
+        "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+        "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
+        "{%- if loop.index0 > ns.last_user and (loop.last or reasoning) -%}"
+        "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' -}}"
+        "{%- else -%}{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' -}}{%- endif -%}"
+        "{%- else -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+        "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+        "{%- endif -%}{%- endif -%}"
+    ),
+    # Llama 3.2: today's date in the system header (strftime_now), every message's content trimmed.
+    "trim_date": (
+        "{%- if not date_string is defined -%}{%- set date_string = strftime_now('%d %b %Y') -%}{%- endif -%}"
+        "{{- '<|im_start|>system\\nToday Date: ' + date_string + '\\n' -}}"
+        "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] | trim -}}"
+        "{%- set messages = messages[1:] -%}{%- endif -%}{{- '<|im_end|>\\n' -}}"
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    ),
+    # Gemma 2: no system role; user and assistant must alternate, starting with the user.
+    "strict_roles": (
+        "{%- if messages[0]['role'] == 'system' -%}{{- raise_exception('System role not supported') -}}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}{%- endif -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    ),
+    # gpt-oss: a reasoning_effort variable written into the system message (default medium).
+    "effort": (
+        "{%- if reasoning_effort is not defined -%}{%- set reasoning_effort = 'medium' -%}{%- endif -%}"
+        "{{- '<|im_start|>system\\nReasoning: ' + reasoning_effort + '<|im_end|>\\n' -}}"
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    ),
+}
+THINK_TOKENS = ("<think>", "</think>")
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog.
@@ -73,7 +148,7 @@ Thank you very much for your patience and your question.
 
 
 def _train_teacher_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -87,6 +162,7 @@ def _train_teacher_tokenizer():
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return tok, {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
                  "extra_special_tokens": ["<|im_start|>", "<|im_end|>"]}
 
@@ -115,6 +191,7 @@ def _train_student_tokenizer():
     # No Fuse before Metaspace: Metaspace on one fused token drops every "▁" instead of mapping it to " ".
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="first")])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + chat])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
     )
@@ -122,7 +199,7 @@ def _train_student_tokenizer():
                  "extra_special_tokens": chat}
 
 
-def _build_tokenizer(family: str, model_max_length: int):
+def _build_tokenizer(family: str, model_max_length: int, template: str | None = None):
     from transformers import PreTrainedTokenizerFast
 
     backend, special = _train_teacher_tokenizer() if family == "teacher" else _train_student_tokenizer()
@@ -132,15 +209,17 @@ def _build_tokenizer(family: str, model_max_length: int):
         clean_up_tokenization_spaces=False,  # keep decode an exact inverse of encode
         **special,
     )
-    tok.chat_template = TEACHER_CHAT_TEMPLATE if family == "teacher" else STUDENT_CHAT_TEMPLATE
+    default = TEACHER_CHAT_TEMPLATE if family == "teacher" else STUDENT_CHAT_TEMPLATE
+    tok.chat_template = TEMPLATES[template] if template else default
     return tok
 
 
 def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 128, num_layers: int = 2,
                      num_heads: int = 2, intermediate_size: int = 256,
-                     max_position_embeddings: int = 512) -> pathlib.Path:
+                     max_position_embeddings: int = 512, template: str | None = None) -> pathlib.Path:
     """Write a random-init causal LM + tokenizer for `family` ("teacher" or "student") to `out_dir`.
 
+    template: a TEMPLATES name (they use the teacher family's ChatML tokens), else the family's own.
     vLLM's CPU backend needs head_dim 64, i.e. hidden_size / num_heads == 64 (the defaults).
     """
     import torch
@@ -154,7 +233,7 @@ def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 
     out.mkdir(parents=True, exist_ok=True)
     (out / _MARKER).unlink(missing_ok=True)  # a half-written folder must not look complete
 
-    tok = _build_tokenizer(family, max_position_embeddings)
+    tok = _build_tokenizer(family, max_position_embeddings, template)
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     common = dict(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -177,14 +256,15 @@ def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / _MARKER).write_text(json.dumps(_build_args(family, seed, hidden_size, num_layers, num_heads,
-                                                      intermediate_size, max_position_embeddings), indent=2))
+                                                      intermediate_size, max_position_embeddings, template), indent=2))
     return out
 
 
-def _build_args(family, seed, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings):
+def _build_args(family, seed, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings,
+                template=None):
     return {"recipe_version": _RECIPE_VERSION, "family": family, "seed": seed, "hidden_size": hidden_size,
             "num_layers": num_layers, "num_heads": num_heads, "intermediate_size": intermediate_size,
-            "max_position_embeddings": max_position_embeddings}
+            "max_position_embeddings": max_position_embeddings, "template": template}
 
 
 def _is_built(out: pathlib.Path, args: dict) -> bool:
@@ -201,7 +281,9 @@ def build_demo_models(root) -> tuple[pathlib.Path, pathlib.Path]:
     """Build (or reuse) the demo teacher and student under `root`; returns (teacher_dir, student_dir)."""
     root = pathlib.Path(root)
     specs = [
-        ("teacher", dict(family="teacher", seed=1, hidden_size=256, num_heads=4, num_layers=4, intermediate_size=512)),
+        # a reasoning teacher: its generation prompt opens <think>, as DeepSeek-R1 distills do
+        ("teacher", dict(family="teacher", seed=1, hidden_size=256, num_heads=4, num_layers=4, intermediate_size=512,
+                         template="think")),
         ("student", dict(family="student", seed=2)),
     ]
     dirs = []
@@ -259,13 +341,17 @@ def _pad(rng: random.Random, answer: str) -> str:
     return " ".join(before + [f"The answer is {answer}." if before or after else answer] + after)
 
 
-def make_tiny_pairs(n: int, seed: int = 0) -> list[dict]:
+def make_tiny_pairs(n: int, seed: int = 0, reasoning: bool = False) -> list[dict]:
     """Deterministic TRL-style preference pairs: {id, prompt, chosen (teacher), rejected (student)}.
 
     Prompts are plain strings or message lists (optionally with a system message or an earlier
     exchange); answers are plain strings or a one-message assistant list, chosen at random.
+    reasoning=True: the teacher's responses carry reasoning as a reasoning model writes it
+    ("...</think>\n\nanswer", half of them with the "<think>\n" opener stored too), and earlier
+    assistant turns of a prompt carry reasoning that their chat template strips.
     """
     rng = random.Random(seed)
+    thoughts = random.Random(seed + 7919)  # a stream of its own: reasoning=False pairs stay as they were
     pairs = []
     for i in range(n):
         question, good, bad = _task(rng)
@@ -276,12 +362,17 @@ def make_tiny_pairs(n: int, seed: int = 0) -> list[dict]:
             prompt = [{"role": "user", "content": question}]
             if style == 3:
                 q0, a0, _ = _task(rng)
+                if reasoning:
+                    a0 = f"{thoughts.choice(_FILLER)}\n</think>\n\n{a0}"
                 prompt = [{"role": "user", "content": q0}, {"role": "assistant", "content": a0}] + prompt
             if rng.random() < 0.5:
                 prompt = [{"role": "system", "content": rng.choice(_SYSTEMS)}] + prompt
         row = {"id": f"tiny-{seed}-{i:05d}", "prompt": prompt}
         for column, answer in (("chosen", good), ("rejected", bad)):
             text = _pad(rng, answer)
+            if reasoning and column == "chosen":
+                opener = "<think>\n" if thoughts.random() < 0.5 else ""
+                text = f"{opener}{' '.join(thoughts.sample(_FILLER, 2))}\n</think>\n\n{text}"
             row[column] = [{"role": "assistant", "content": text}] if rng.random() < 0.4 else text
         pairs.append(row)
     return pairs

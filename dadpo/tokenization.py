@@ -1,108 +1,257 @@
-"""The one tokenization rule (data_specs/tokenization.md). Every backend and the trainer use it.
+"""The tokenization rule, version 2 (data_specs/tokenization.v2.md): score exactly the tokens a
+model emits after its generation prompt. One implementation, used by generate, sft, cache-teacher,
+train (through the cached ids) and verify-cache.
 
-Chat mode (the tokenizer has a chat template, and the user did not pass --no-chat-template):
-    P = template(prompt messages, add_generation_prompt=True)          as text
-    F = template(prompt messages + [assistant: response])              as text
-    F must start with P.
-    prompt_ids   = tokenize(P,          add_special_tokens=False)
-    response_ids = tokenize(F[len(P):], add_special_tokens=False)
-  so end-of-turn tokens belong to the response, and no token spans the prompt/response
-  boundary (this matters for templates whose generation prompt ends in a space).
+For one model (tokenizer, chat template, template variables, pinned date):
 
-Plain mode (no chat template, or --no-chat-template):
-    prompt_ids   = tokenize(prompt text)  with the tokenizer's own special tokens (e.g. BOS)
-    response_ids = tokenize(response, add_special_tokens=False) + [eos]
+    prompt    messages -> template(messages, add_generation_prompt=True, **variables), as text
+              raw text (--prompt-format raw, or a model without a chat template) -> the text itself
+              prompt_ids = tokenize(that text); special tokens (BOS) are added only to raw text,
+              and only when the text does not already start with them
+    response  response_ids = the ids the model sampled, when the pair carries them for this
+              vocabulary (`dadpo generate` stores them), as they were sampled (the stop token
+              included); otherwise
+                  tokenize(text) + end_of_turn            (nothing appended when the response was
+                                                           cut at the length limit)
+              end_of_turn = the template's own text after an assistant message, up to and
+              including the first token at which generation stops (eos, the generation config's
+              eos ids, or the special token the template puts after a message); eos without a
+              template. The response text never passes through the template (no trim, no
+              reasoning stripping): it is scored as written.
+    overlap   a response that starts with what the generation prompt already ends with (a tail
+              of the prompt's tokens that begins at an added token, e.g. `<think>\\n`) does not
+              repeat it: that text is removed from the response first.
 
-log pi(y|x) is then the sum over response_ids of the fp32 log-softmax at the previous position.
+Both sides are tokenized separately with add_special_tokens=False, so no token spans the boundary.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
+from dataclasses import dataclass, field
 
 from dadpo.errors import DadpoError
+from dadpo.pairs import Response
 
-RULE_VERSION = 1
-
-
-def uses_chat_template(tokenizer, no_chat_template: bool = False) -> bool:
-    """Chat mode iff the tokenizer carries a chat template and the user did not opt out."""
-    return bool(getattr(tokenizer, "chat_template", None)) and not no_chat_template
-
-
-def tokenize_example(
-    tokenizer,
-    prompt: list[dict],
-    response: str,
-    chat: bool,
-    where: str = "",
-) -> tuple[list[int], list[int]]:
-    """Return (prompt_ids, response_ids) for one prompt/response under the rule above.
-
-    `prompt` is a list of {role, content} messages (dadpo.pairs normalises string prompts to
-    one user message). `where` names the pair and model for error messages.
-    """
-    if chat:
-        return _tokenize_chat(tokenizer, prompt, response, where)
-    return _tokenize_plain(tokenizer, prompt, response, where)
+RULE_VERSION = 2
+PROMPT_FORMATS = ("chat", "raw")
+# Text no template produces on its own and none of their filters (trim, split on </think>) touch.
+_MARKER = "dadpoendofturnmarker"
 
 
-def encode_prompt(tokenizer, prompt: list[dict], chat: bool, where: str = "") -> list[int]:
-    """The prompt ids alone, exactly as tokenize_example makes them (for generation)."""
-    if chat:
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    _check_plain_prompt(prompt, where)
-    return list(tokenizer(prompt[0]["content"])["input_ids"])
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
-def _check_plain_prompt(prompt, where):
-    if len(prompt) != 1 or prompt[0]["role"] != "user":
-        raise DadpoError(
-            f"{where}: the prompt is a {len(prompt)}-message conversation but the model is used "
-            "without a chat template (plain mode takes a single user prompt)"
-        )
+def pinned_clock(date: str):
+    """strftime_now for templates: the pinned day (midnight), whatever today is."""
+    moment = _dt.datetime.fromisoformat(date)
+
+    def strftime_now(fmt: str) -> str:
+        return moment.strftime(fmt)
+
+    return strftime_now
 
 
-def _tokenize_chat(tokenizer, prompt, response, where):
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(
-        prompt + [{"role": "assistant", "content": response}], tokenize=False
-    )
-    if not full_text.startswith(prompt_text):
-        raise DadpoError(
-            f"{where}: the chat template's rendering of the conversation does not start with its "
-            "rendering of the prompt (add_generation_prompt=True), so the response cannot be "
-            "separated; pass --no-chat-template or fix the template"
-        )
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    if not response_ids:
-        raise DadpoError(f"{where}: the response renders to no tokens")
-    return list(prompt_ids), list(response_ids)
+def today() -> str:
+    return _dt.date.today().isoformat()
 
 
-def _tokenize_plain(tokenizer, prompt, response, where):
-    _check_plain_prompt(prompt, where)
-    if tokenizer.eos_token_id is None:
-        raise DadpoError(f"{where}: plain mode needs an eos token and the tokenizer has none")
-    prompt_ids = tokenizer(prompt[0]["content"])["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return list(prompt_ids), list(response_ids) + [tokenizer.eos_token_id]
+def check_date(value: str | None, flag: str = "--template-date") -> None:
+    if value is None:
+        return
+    try:
+        _dt.date.fromisoformat(value)
+    except ValueError:
+        raise DadpoError(f"{flag} {value}: expected a date as YYYY-MM-DD") from None
 
 
-def tokenizer_digest(tokenizer, chat: bool) -> str:
-    """sha256 of everything that decides token ids: the vocabulary and merges (the fast
-    tokenizer's serialised state), special tokens, the chat template and the mode."""
-    state = {
-        "tokenizer": json.loads(tokenizer.backend_tokenizer.to_str())
-        if getattr(tokenizer, "is_fast", False)
-        else sorted(tokenizer.get_vocab().items()),
-        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "chat_template": tokenizer.chat_template if chat else None,
-        "mode": "chat" if chat else "plain",
-        "rule_version": RULE_VERSION,
-    }
-    encoded = json.dumps(state, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return hashlib.sha256(encoded).hexdigest()
+def parse_template_kwargs(text: str | None, flag: str) -> dict:
+    """'{"enable_thinking": false}' -> dict; one clear line for anything else."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise DadpoError(f"{flag} {text}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise DadpoError(f"{flag} {text}: expected a JSON object such as '{{\"enable_thinking\": false}}'")
+    return value
+
+
+def vocab_digest(tokenizer) -> str:
+    """sha256 of what maps text to ids: the fast tokenizer's state and its special tokens."""
+    state = {"tokenizer": json.loads(tokenizer.backend_tokenizer.to_str()),
+             "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def legacy_digest(tokenizer, chat: bool) -> str:
+    """The tokenizer digest that rule v1 recorded (cache schema 1), to check a policy against old caches."""
+    state = {"tokenizer": json.loads(tokenizer.backend_tokenizer.to_str()),
+             "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+             "chat_template": tokenizer.chat_template if chat else None, "mode": "chat" if chat else "plain",
+             "rule_version": 1}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class ModelTokenizer:
+    """One model's side of the rule: its tokenizer, whether its chat template is used, the template's
+    variables and pinned date, and the ids at which its generation stops."""
+
+    tokenizer: object
+    name: str  # how messages name the model, e.g. "--teacher Qwen/Qwen3-8B"
+    chat: bool = True
+    template_kwargs: dict = field(default_factory=dict)
+    template_date: str | None = None  # YYYY-MM-DD, for templates that call strftime_now
+    generation_eos: tuple[int, ...] = ()  # the generation config's eos ids
+
+    def __post_init__(self):
+        self.chat = self.chat and bool(getattr(self.tokenizer, "chat_template", None))
+        if self.template_kwargs and not self.chat:
+            raise DadpoError(f"{self.name}: template variables given, but the model is used without a chat template")
+        self.date_dependent = self.chat and "strftime_now" in str(self.tokenizer.chat_template)
+        if not self.date_dependent:
+            self.template_date = None
+        self.added_ids = frozenset(self.tokenizer.get_added_vocab().values())
+        self.stop_ids = self._stop_ids()
+        self.end_of_turn = self._end_of_turn()
+        self.vocab = vocab_digest(self.tokenizer)
+
+    # ---- what the manifest records ----
+
+    @property
+    def digest(self) -> str:
+        """sha256 of everything that decides the ids: vocabulary, template, its variables and date, mode, rule."""
+        state = {"vocab": self.vocab, "chat_template": self.tokenizer.chat_template if self.chat else None,
+                 "mode": "chat" if self.chat else "plain", "template_kwargs": self.template_kwargs,
+                 "template_date": self.template_date, "rule_version": RULE_VERSION}
+        return hashlib.sha256(json.dumps(state, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+    def record(self) -> dict:
+        return {"tokenizer_digest": self.digest, "vocab_digest": self.vocab, "chat_template": self.chat,
+                "template_kwargs": self.template_kwargs, "template_date": self.template_date,
+                "end_of_turn": list(self.end_of_turn), "stop_ids": list(self.stop_ids)}
+
+    # ---- the rule ----
+
+    def render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+        """The chat template's text for `messages`, with this model's variables and pinned date.
+        Any failure of the template (a refused system turn, roles that must alternate) is one line."""
+        variables = dict(self.template_kwargs)
+        if self.date_dependent:
+            variables["strftime_now"] = pinned_clock(self.template_date or today())
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False, **variables)
+        except Exception as exc:  # jinja's TemplateError from raise_exception, and anything else the template does
+            raise DadpoError(f"{where}: the chat template of {self.name} refuses this conversation "
+                             f"({type(exc).__name__}: {first_line(exc)})") from None
+
+    def encode_prompt(self, prompt: list[dict] | str, where: str) -> list[int]:
+        if isinstance(prompt, list) and self.chat:
+            text = self.render(prompt, True, where)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if isinstance(prompt, list):
+            if len(prompt) != 1 or prompt[0]["role"] != "user":
+                raise DadpoError(f"{where}: the prompt is a {len(prompt)}-message conversation but {self.name} is used "
+                                 "without a chat template (plain mode takes a single user prompt or raw text)")
+            prompt = prompt[0]["content"]
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and prompt.startswith(bos))  # a BOS already written in the text is not doubled
+        return list(self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+
+    def encode_response(self, response: Response, prompt_ids: list[int], where: str) -> list[int]:
+        if response.token_ids is not None and response.token_ids_vocab == self.vocab and \
+                self._decodes_to(response.token_ids, response.text):
+            ids = list(response.token_ids)
+        else:
+            text = self._without_overlap(response.text, prompt_ids)
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if response.finish_reason != "length":
+                ids += self.end_of_turn
+        if not ids:
+            raise DadpoError(f"{where}: the response renders to no tokens under {self.name}")
+        return ids
+
+    def encode_pair(self, prompt, chosen: Response, rejected: Response, where: str):
+        """(prompt_ids, chosen_ids, rejected_ids): the prompt is rendered once for both responses."""
+        prompt_ids = self.encode_prompt(prompt, where)
+        return (prompt_ids, self.encode_response(chosen, prompt_ids, where),
+                self.encode_response(rejected, prompt_ids, where))
+
+    # ---- pieces ----
+
+    def _decodes_to(self, ids, text: str) -> bool:
+        body = list(ids)
+        while body and body[-1] in self.stop_ids:
+            body.pop()
+        return self.decode(body) == text
+
+    def decode(self, ids) -> str:
+        """Text of sampled ids as generate stores it: special tokens kept, spaces not cleaned up."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _without_overlap(self, text: str, prompt_ids: list[int]) -> str:
+        longest = ""
+        for j in range(1, min(len(prompt_ids), 32) + 1):
+            if prompt_ids[-j] not in self.added_ids:
+                continue
+            tail = self.decode(prompt_ids[-j:])
+            if len(tail) > len(text):
+                break
+            if text.startswith(tail):
+                longest = tail
+        return text[len(longest):]
+
+    def _stop_ids(self) -> tuple[int, ...]:
+        ids = set(self.generation_eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        if self.chat:
+            after = self._after_assistant_message()
+            if after and after[0] in set(self.tokenizer.all_special_ids):
+                ids.add(after[0])
+        if not ids:
+            raise DadpoError(f"{self.name}: the tokenizer has no eos token and its chat template no end-of-turn "
+                             "token, so a response would never end")
+        return tuple(sorted(ids))
+
+    def _end_of_turn(self) -> tuple[int, ...]:
+        if self.chat:
+            after = self._after_assistant_message()
+            for i, token in enumerate(after):
+                if token in self.stop_ids:
+                    return tuple(after[: i + 1])
+        eos = self.tokenizer.eos_token_id
+        return (eos if eos is not None else self.stop_ids[0],)
+
+    def _after_assistant_message(self) -> list[int]:
+        if not hasattr(self, "_after"):
+            where = f"{self.name} (finding the end of an assistant turn)"
+            text = self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}],
+                               False, where)
+            if _MARKER not in text:
+                raise DadpoError(f"{where}: its chat template does not write an assistant message's content")
+            self._after = list(self.tokenizer(text.split(_MARKER, 1)[1], add_special_tokens=False)["input_ids"])
+        return self._after
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id padding positions hold (never attended to, never scored): pad, else eos, else 0."""
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+
+def length_rule(num_tokens: int, max_length: int | None, on_overlong: str, where: str) -> bool:
+    """The length rule: True when a pair of `num_tokens` prompt+response tokens is over --max-length
+    and so dropped whole (never truncated); with on_overlong="error" it stops the run instead."""
+    if max_length is None or num_tokens <= max_length:
+        return False
+    if on_overlong == "error":
+        raise DadpoError(f"{where}: {num_tokens} prompt+response tokens exceed --max-length {max_length} "
+                         "(pass --on-overlong drop to skip such pairs)")
+    return True

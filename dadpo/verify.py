@@ -27,29 +27,37 @@ import polars as pl
 import torch
 
 from dadpo.cache import Cache, open_cache
+from dadpo.cache.layout import teacher_prefix
 from dadpo.errors import DadpoError
 from dadpo.logprobs import ResponseLogprobs, collate
-from dadpo.modeling import ResolvedModel, check_dtype, load_causal_lm, load_tokenizer, resolve_model
-from dadpo.pairs import prompt_messages
-from dadpo.tokenization import tokenize_example, tokenizer_digest
+from dadpo.modeling import ResolvedModel, check_dtype, load_causal_lm, model_tokenizer, resolve_model
+from dadpo.options import REQUIRED, option
+from dadpo.pairs import decode_prompt, pair_responses
+from dadpo.tokenization import ModelTokenizer, pad_id_of
 
 REFERENCE_COLUMNS = ["id", "ref_prompt_ids", "ref_chosen_ids", "ref_rejected_ids",
                      "ref_logp_chosen", "ref_logp_rejected", "ref_ntok_chosen", "ref_ntok_rejected"]
-TEACHER_COLUMNS = ["prompt", "chosen", "rejected", "teacher_logp_chosen", "teacher_logp_rejected",
-                   "teacher_ntok_chosen", "teacher_ntok_rejected"]
+PAIR_COLUMNS = ["prompt", "chosen", "rejected", "chosen_token_ids", "chosen_token_ids_vocab", "chosen_finish_reason",
+                "rejected_token_ids", "rejected_token_ids_vocab", "rejected_finish_reason"]
+
+
+def teacher_columns(name: str) -> list[str]:
+    prefix = teacher_prefix(name)
+    return [f"{prefix}_{kind}_{side}" for kind in ("logp", "ntok") for side in ("chosen", "rejected")]
 
 
 @dataclass
 class VerifyConfig:
-    cache: str
-    sample: int = 64  # rows (pairs) to re-score; 0: integrity check only
-    model: str | None = None  # policy for the reference columns; None: the cache's reference
-    teacher: bool = False  # also re-score the teacher columns with the cache's teacher
-    dtype: str = "float32"  # the trainer's default --dtype
-    batch_size: int = 8
-    device: str | None = None  # None: cuda when available, else cpu
-    seed: int = 0
-    trust_remote_code: bool = False
+    cache: str = option(REQUIRED, "Cache folder (made by dadpo cache-teacher); or give it as the argument.")
+    sample: int = option(64, "Pairs to re-score (all when the cache has fewer); 0 checks integrity only.")
+    model: str | None = option(None, "Policy for the reference columns: HF hub id or local folder with the "
+                               "reference's tokenizer.", default_text="the cache's reference")
+    teacher: bool = option(False, "Also re-score every teacher's columns with the cache's teachers.")
+    dtype: str = option("float32", "Dtype to re-score in: the one you train in (float32, bfloat16, float16).")
+    batch_size: int = option(8, "Sequences per forward pass.")
+    device: str | None = option(None, "Device.", default_text="cuda if available, else cpu")
+    seed: int = option(0, "Seed of the row sample.")
+    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
 
 
 # ---------------------------------------------------------------- the statistics
@@ -136,28 +144,30 @@ def reference_drift(policy: torch.nn.Module, rows: pl.DataFrame, pad_id: int, de
     return {**drift_stats(scores, cached, ntok), "pairs": n, "margin_mean": float(margins.mean()) if n else 0.0}
 
 
-def teacher_drift(teacher: torch.nn.Module, tokenizer, chat: bool, rows: pl.DataFrame, pad_id: int,
-                  device=None, batch_size: int = 8, where: str = "cache") -> dict:
-    """Re-tokenize `rows` (TEACHER_COLUMNS plus id) for the teacher by the one rule, check the
-    token counts against teacher_ntok_*, re-score with `teacher` and compare with teacher_logp_*."""
+def teacher_drift(teacher: torch.nn.Module, tokenizer: ModelTokenizer, rows: pl.DataFrame, pad_id: int,
+                  device=None, batch_size: int = 8, where: str = "cache", name: str = "") -> dict:
+    """Re-tokenize `rows` (PAIR_COLUMNS plus id and the teacher's columns) for the teacher by the one
+    rule, check the token counts against its cached ntok, re-score with `teacher` and compare with
+    its cached log-probs."""
+    prefix = teacher_prefix(name)
     sequences, counts = {"chosen": [], "rejected": []}, {"chosen": [], "rejected": []}
-    for pair_id, prompt_json, chosen, rejected, ntok_c, ntok_r in rows.select(
-        "id", "prompt", "chosen", "rejected", "teacher_ntok_chosen", "teacher_ntok_rejected"
-    ).iter_rows():
-        prompt = prompt_messages(prompt_json)
-        for column, response, cached_count in (("chosen", chosen, ntok_c), ("rejected", rejected, ntok_r)):
-            prompt_ids, response_ids = tokenize_example(tokenizer, prompt, response, chat,
-                                                        f"{where} row id '{pair_id}' (teacher)")
+    for row in rows.iter_rows(named=True):
+        responses = dict(zip(("chosen", "rejected"), pair_responses(row)))
+        label = f"{where} row id '{row['id']}' (teacher{' ' + name if name else ''})"
+        prompt_ids = tokenizer.encode_prompt(decode_prompt(row["prompt"]), label)
+        for column in ("chosen", "rejected"):
+            response_ids = tokenizer.encode_response(responses[column], prompt_ids, label)
+            cached_count = row[f"{prefix}_ntok_{column}"]
             if len(response_ids) != cached_count:
-                raise DadpoError(f"{where} row id '{pair_id}': the teacher tokenizer gives {len(response_ids)} "
-                                 f"{column} tokens, the cache recorded teacher_ntok_{column} = {cached_count}; "
-                                 "the cache was made with another tokenizer or tokenization rule")
+                raise DadpoError(f"{label}: the teacher tokenizer gives {len(response_ids)} {column} tokens, the "
+                                 f"cache recorded {prefix}_ntok_{column} = {cached_count}; the cache was made with "
+                                 "another tokenizer or tokenization rule")
             sequences[column].append((prompt_ids, response_ids))
             counts[column].append(len(response_ids))
     logprobs = _as_logprobs(teacher)
     device = device or next(logprobs.parameters()).device
     scores = score_sequences(logprobs, sequences["chosen"] + sequences["rejected"], pad_id, device, batch_size)
-    cached = np.concatenate([rows["teacher_logp_chosen"].to_numpy(), rows["teacher_logp_rejected"].to_numpy()])
+    cached = np.concatenate([rows[f"{prefix}_logp_chosen"].to_numpy(), rows[f"{prefix}_logp_rejected"].to_numpy()])
     return {**drift_stats(scores, cached, np.array(counts["chosen"] + counts["rejected"])), "pairs": rows.height}
 
 
@@ -172,10 +182,6 @@ def sample_rows(cache: Cache, sample: int, seed: int = 0, columns: Sequence[str]
     return rows
 
 
-def pad_id_of(tokenizer) -> int:
-    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-
-
 def _model_of(record: dict, role: str) -> ResolvedModel:
     try:
         return resolve_model(record["model"], record.get("revision"), f"the cache's {role}")
@@ -183,12 +189,6 @@ def _model_of(record: dict, role: str) -> ResolvedModel:
         hint = "pass --model with the reference or a model with its tokenizer" if role == "reference" else \
             "the teacher must be loadable from where cache-teacher found it"
         raise DadpoError(f"{exc} ({hint})") from None
-
-
-def _check_tokenizer(tokenizer, record: dict, model: ResolvedModel, flag: str, role: str) -> None:
-    if tokenizer_digest(tokenizer, record["chat_template"]) != record["tokenizer_digest"]:
-        raise DadpoError(f"{flag} {model.name}: its tokenizer or chat template differs from the cache's {role} "
-                         f"({record['model']}); the cached token ids would not match this model")
 
 
 def verify_cache(cfg: VerifyConfig) -> dict:
@@ -207,26 +207,43 @@ def verify_cache(cfg: VerifyConfig) -> dict:
     if cfg.sample == 0:
         return result
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    columns = REFERENCE_COLUMNS + (TEACHER_COLUMNS if cfg.teacher else [])
+    teachers = cache.teachers if cfg.teacher else {}
+    if teachers and cache.schema_version < 2:
+        raise DadpoError(f"--teacher: {cfg.cache} is a schema 1 cache, tokenized by rule 1, which this dadpo no longer "
+                         "implements; only its reference columns can be re-scored")
+    columns = REFERENCE_COLUMNS + (["id", *PAIR_COLUMNS] if teachers else [])
+    for name in teachers:
+        columns += teacher_columns(name)
     rows = sample_rows(cache, cfg.sample, cfg.seed, columns)
 
     reference = cache.reference
     model = resolve_model(cfg.model, None, "--model") if cfg.model else _model_of(reference, "reference")
     flag = "--model" if cfg.model else "the cache's reference"
+    from dadpo.modeling import load_tokenizer
+
     tokenizer = load_tokenizer(model, cfg.trust_remote_code, flag)
-    _check_tokenizer(tokenizer, reference, model, flag, "reference")
+    if not cache.same_reference_tokenizer(tokenizer):
+        raise DadpoError(f"{flag} {model.name}: its tokenizer or chat template differs from the cache's reference "
+                         f"({reference['model']}); the cached token ids would not match this model")
     result["reference"] = {"model": model.name, "dtype": cfg.dtype, "device": device, "cached_with": _made_by(reference),
                            **_with_loaded(model, cfg, device, flag, lambda lm: reference_drift(
                                lm, rows, pad_id_of(tokenizer), device, cfg.batch_size))}
-    if cfg.teacher:
-        record = cache.teacher
+    result["teachers"] = {}
+    for name, record in teachers.items():
         teacher = _model_of(record, "teacher")
-        tokenizer = load_tokenizer(teacher, cfg.trust_remote_code, "the cache's teacher")
-        _check_tokenizer(tokenizer, record, teacher, "the cache's teacher", "teacher")
-        result["teacher"] = {"model": teacher.name, "dtype": cfg.dtype, "device": device, "cached_with": _made_by(record),
-                             **_with_loaded(teacher, cfg, device, "the cache's teacher", lambda lm: teacher_drift(
-                                 lm, tokenizer, record["chat_template"], rows, pad_id_of(tokenizer), device,
-                                 cfg.batch_size, where=str(cfg.cache)))}
+        label = f"the cache's teacher{' ' + name if name else ''}"
+        tokenizer = model_tokenizer(teacher, label, no_chat_template=not record["chat_template"],
+                                    template_kwargs=record["template_kwargs"], template_date=record["template_date"],
+                                    trust_remote_code=cfg.trust_remote_code)
+        if tokenizer.digest != record["tokenizer_digest"]:
+            raise DadpoError(f"{label} {teacher.name}: its tokenizer or chat template differs from the one the cache "
+                             "was made with; the cached token ids would not match this model")
+        result["teachers"][name] = {"model": teacher.name, "dtype": cfg.dtype, "device": device,
+                                    "cached_with": _made_by(record),
+                                    **_with_loaded(teacher, cfg, device, label, lambda lm: teacher_drift(
+                                        lm, tokenizer, rows, pad_id_of(tokenizer.tokenizer), device, cfg.batch_size,
+                                        where=str(cfg.cache), name=name))}
+    result["teacher"] = result["teachers"].get("") if len(result["teachers"]) == 1 else None
     return result
 
 
@@ -250,6 +267,7 @@ def _with_loaded(model: ResolvedModel, cfg: VerifyConfig, device: str, flag: str
 
 def worst_drift(result: dict) -> tuple[str, float] | None:
     """(group, max |delta| per sequence) of the group that drifts most, or None when nothing was re-scored."""
-    found = [(group, result[group]["seq_max"]) for group in ("reference", "teacher")
-             if result.get(group) and result[group].get("sequences")]
+    groups = {"reference": result.get("reference"),
+              **{f"teacher {name}".strip(): stats for name, stats in (result.get("teachers") or {}).items()}}
+    found = [(group, stats["seq_max"]) for group, stats in groups.items() if stats and stats.get("sequences")]
     return max(found, key=lambda item: item[1]) if found else None

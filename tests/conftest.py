@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny real models and pairs files, built once per test session.
+"""Fixtures: tiny real models and pairs files, built once per test session (helpers: support.py).
 
 teacher   Llama, byte-level BPE, ChatML template, no BOS
 student   Qwen3, Metaspace BPE + byte fallback, zephyr-style template ending in a space, BOS
 student_b same tokenizer as student, other weights: a policy start that differs from the reference
+templated teacher-family models whose chat templates reproduce real ones (dadpo.tiny.TEMPLATES):
+          think (R1 distills), thinking_switch (Qwen3), trim_date (Llama 3.2), strict_roles (Gemma 2),
+          effort (gpt-oss)
 
 vLLM tests carry the `vllm` marker and the `vllm_ready` fixture: they skip where vllm does not
 import, except under CI (the CI environment variable set), where such a skip fails the run.
@@ -10,7 +13,6 @@ import, except under CI (the CI environment variable set), where such a skip fai
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from dadpo.tiny import build_tiny_model, make_tiny_pairs
-
-REPO = Path(__file__).resolve().parents[1]
+from dadpo.tiny import TEMPLATES, build_tiny_model, make_tiny_pairs
+from support import ENV, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -34,11 +36,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+@pytest.fixture(scope="session")
+def templated(tmp_path_factory) -> dict[str, Path]:
+    """A teacher-family model per test template (same weights: seed 1)."""
+    root = tmp_path_factory.mktemp("templated")
+    return {name: build_tiny_model(root / name, family="teacher", seed=1, template=name)
+            for name in TEMPLATES if name != "chatml"}
 
 
 @pytest.fixture(scope="session")
@@ -47,46 +50,25 @@ def pairs_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", make_tiny_pairs(40, seed=0))
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `dadpo ARGS...` as a real subprocess (python -m dadpo.cli.main, the console script's target)."""
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory, models, pairs_file) -> Path:
+    """One tiny cache (teacher = tiny Llama, reference = tiny Qwen3 student) for the training tests.
+    Tests read it and never change it."""
+    out = tmp_path_factory.mktemp("train-cache") / "cache"
+    result = run_cli("cache-teacher", "--pairs", pairs_file, "--teacher", models["teacher"], "--reference",
+                     models["student"], "--out", out, "--backend", "hf", "--dtype", "float32", "--shard-size",
+                     "16", "--quiet", env=ENV)
+    assert result.returncode == 0, result.stderr
+    return out
 
 
-def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """`dadpo ARGS...` as a subprocess that keeps running (run_cli waits for it)."""
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], cwd=REPO, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def kill_when(process: subprocess.Popen, ready, timeout: float = 180) -> bool:
-    """SIGKILL `process` as soon as ready() holds (polled every 5 ms). True if it was killed while
-    still running, False if it had exited by itself first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            process.communicate()
-            return False
-        if ready():
-            process.kill()  # SIGKILL: no cleanup handlers run
-            process.communicate()
-            return process.returncode == -9
-        time.sleep(0.005)
-    process.kill()
-    raise AssertionError(f"the condition to kill at never came: {process.communicate()[1][-2000:]}")
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Bad input: non-zero exit, one line on stderr naming the problem, no traceback."""
-    assert result.returncode != 0, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process training on one intra-op thread (use with pytest.mark.usefixtures), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- vLLM tests and the CI rule
@@ -129,3 +111,65 @@ def pytest_terminal_summary(terminalreporter):
 def pytest_sessionfinish(session, exitstatus):
     if _skipped_vllm_tests and exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---------------------------------------------------------------- a real vLLM OpenAI-compatible server
+
+VLLM_SERVER_MAX_MODEL_LEN = 512
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (right now)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_ready, models, tmp_path_factory):
+    """The tiny teacher behind vLLM's OpenAI-compatible server on loopback (CPU, fp32, eager,
+    max_model_len 512), one per test module. Yields {"url", "model", "max_model_len", "log"}; the
+    server's whole process group (API server, engine core, worker) is stopped at teardown."""
+    import signal
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["teacher"]),
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", str(VLLM_SERVER_MAX_MODEL_LEN)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "wb") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                raise AssertionError(f"vLLM server exited with {server.returncode}: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"vLLM server not healthy after 600 s: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "model": str(models["teacher"]), "max_model_len": VLLM_SERVER_MAX_MODEL_LEN, "log": log}
+    finally:
+        # start_new_session: the group is the server's own (API server, engine core, worker).
+        # SIGTERM lets it shut down; whatever of the group is left after 30 s gets SIGKILL.
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                server.poll()  # reaps the API server once it exits
+                os.killpg(server.pid, 0)  # raises ProcessLookupError once the whole group is gone
+                time.sleep(0.2)
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.wait()

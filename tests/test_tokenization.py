@@ -1,4 +1,5 @@
-"""The one tokenization rule, on two tiny tokenizers with different chat templates."""
+"""Tokenization rule v2 on the tiny tokenizers and on templates that behave like real ones, each
+checked against an independent computation (the template rendered and tokenized here, by hand)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from dadpo.errors import DadpoError
-from dadpo.tokenization import encode_prompt, tokenize_example, tokenizer_digest, uses_chat_template
+from dadpo.modeling import model_tokenizer, resolve_model
+from dadpo.pairs import Response
+from dadpo.tokenization import vocab_digest
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Reverse the word 'apple'."}],
@@ -17,6 +20,14 @@ CONVERSATIONS = [
 RESPONSES = ["elppa", "The answer is 42.", "CAFÉ — naïve 日本語 🚀"]
 
 
+def rule(path, **kwargs):
+    return model_tokenizer(resolve_model(str(path)), "--teacher", **kwargs)
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
 @pytest.fixture(scope="module")
 def tokenizers(models):
     return {name: AutoTokenizer.from_pretrained(models[name]) for name in ("teacher", "student")}
@@ -24,75 +35,150 @@ def tokenizers(models):
 
 @pytest.mark.parametrize("name", ["teacher", "student"])
 @pytest.mark.parametrize("case", range(len(CONVERSATIONS)))
-def test_chat_mode_splits_at_the_generation_prompt(tokenizers, name, case):
-    tok = tokenizers[name]
+def test_prompt_is_the_generation_prompt_and_response_its_own_tokens_plus_end_of_turn(models, tokenizers, name, case):
+    tok, model = tokenizers[name], rule(models[name])
     prompt, response = CONVERSATIONS[case], RESPONSES[case]
-    prompt_ids, response_ids = tokenize_example(tok, prompt, response, chat=True)
-    prompt_text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    full_text = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-    # the two halves decode back to exactly the rendered prompt and the rest of the conversation
-    assert tok.decode(prompt_ids) == prompt_text
-    assert tok.decode(response_ids) == full_text[len(prompt_text):]
-    assert encode_prompt(tok, prompt, chat=True) == prompt_ids
-    # end of turn belongs to the response
+    prompt_ids, chosen_ids, _ = model.encode_pair(prompt, Response(response), Response("x"), "here")
+    generation_prompt = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    assert prompt_ids == ids(tok, generation_prompt)
     end_of_turn = tok.convert_tokens_to_ids("<|im_end|>" if name == "teacher" else "</s>")
-    assert end_of_turn in response_ids and end_of_turn not in prompt_ids[-1:]
+    # the end of turn is the stop token itself: what the template writes after it ("\n") is never generated
+    assert chosen_ids == ids(tok, response) + [end_of_turn]
+    assert tok.decode(chosen_ids[:-1]) == response
 
 
-def test_generation_prompt_ending_in_space_does_not_merge_across_the_boundary(tokenizers):
+def test_generation_prompt_ending_in_space_does_not_merge_across_the_boundary(models, tokenizers):
     tok = tokenizers["student"]
     prompt_text = tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True, tokenize=False)
     assert prompt_text.endswith("<|assistant|> ")
-    prompt_ids, response_ids = tokenize_example(tok, CONVERSATIONS[0], "The answer", chat=True)
-    # tokenizing the whole text at once fuses the space into the response's first token ("▁The");
-    # the rule keeps the prompt's own tokenization (ending in "▁"), identical to generation time
-    whole = tok(prompt_text + "The answer" + "</s>\n", add_special_tokens=False)["input_ids"]
-    assert whole[: len(prompt_ids)] != prompt_ids
+    prompt_ids = rule(models["student"]).encode_prompt(CONVERSATIONS[0], "here")
+    whole = ids(tok, prompt_text + "The answer")
+    assert whole[: len(prompt_ids)] != prompt_ids  # tokenized at once, the space fuses into "▁The"
     assert tok.convert_ids_to_tokens(prompt_ids[-1]) == "▁"
-    assert prompt_ids == tok(prompt_text, add_special_tokens=False)["input_ids"]
-    assert tok.decode(response_ids).startswith("The answer")
 
 
-def test_no_doubled_bos(tokenizers):
-    tok = tokenizers["student"]
-    for chat in (True, False):
-        prompt_ids, response_ids = tokenize_example(tok, CONVERSATIONS[0], "elppa", chat=chat)
-        ids = prompt_ids + response_ids
-        assert ids[0] == tok.bos_token_id
-        assert ids.count(tok.bos_token_id) == 1
+def test_no_doubled_bos(models, tokenizers):
+    tok, model = tokenizers["student"], rule(models["student"])
+    for prompt in (CONVERSATIONS[0], "raw text", "<s>raw text with its own BOS"):
+        prompt_ids = model.encode_prompt(prompt, "here")
+        assert prompt_ids[0] == tok.bos_token_id and prompt_ids.count(tok.bos_token_id) == 1, prompt
+    plain = rule(models["student"], no_chat_template=True)
+    assert plain.encode_prompt(CONVERSATIONS[0], "here").count(tok.bos_token_id) == 1
 
 
-def test_plain_mode(tokenizers):
+def test_plain_mode(models, tokenizers):
     for name, tok in tokenizers.items():
-        prompt_ids, response_ids = tokenize_example(tok, CONVERSATIONS[0], "elppa naïve", chat=False)
+        plain = rule(models[name], no_chat_template=True)
+        prompt_ids, response_ids, _ = plain.encode_pair(CONVERSATIONS[0], Response("elppa naïve"), Response("x"), "h")
         assert prompt_ids == tok(CONVERSATIONS[0][0]["content"])["input_ids"]  # the tokenizer's own specials
-        assert response_ids[-1] == tok.eos_token_id
-        assert response_ids[:-1] == tok("elppa naïve", add_special_tokens=False)["input_ids"]
-        assert tok.decode(response_ids[:-1]) == "elppa naïve"
+        assert response_ids == ids(tok, "elppa naïve") + [tok.eos_token_id]
     with pytest.raises(DadpoError, match="plain mode takes a single user prompt"):
-        tokenize_example(tokenizers["teacher"], CONVERSATIONS[1], "x", chat=False, where="p.jsonl row id 'q'")
+        rule(models["teacher"], no_chat_template=True).encode_prompt(CONVERSATIONS[1], "p.jsonl row id 'q'")
 
 
-def test_non_ascii_round_trips(tokenizers):
+def test_raw_prompts_are_text_as_given(models, tokenizers):
+    tok = tokenizers["teacher"]
+    text = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert rule(models["teacher"]).encode_prompt(text, "here") == tok(text)["input_ids"]
+
+
+def test_non_ascii_round_trips(models, tokenizers):
     text = "CAFÉ — naïve 日本語 🚀 ¿qué?"
-    for tok in tokenizers.values():
-        _, response_ids = tokenize_example(tok, CONVERSATIONS[0], text, chat=False)
+    for name, tok in tokenizers.items():
+        model = rule(models[name])
+        response_ids = model.encode_response(Response(text), model.encode_prompt("q", "h"), "h")
         assert tok.decode(response_ids[:-1]) == text
         assert tok.unk_token_id is None or tok.unk_token_id not in response_ids
 
 
-def test_template_prefix_failure_names_the_pair(tokenizers):
-    tok = AutoTokenizer.from_pretrained(tokenizers["teacher"].name_or_path)
-    # a template whose prompt rendering is not a prefix of the conversation's rendering
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
-    with pytest.raises(DadpoError, match=r"pairs.jsonl row id 'q7' \(teacher t\).*does not start with"):
-        tokenize_example(tok, CONVERSATIONS[0], "x", chat=True, where="pairs.jsonl row id 'q7' (teacher t)")
+def test_cut_responses_get_no_end_of_turn_and_sampled_ids_are_kept(models, tokenizers):
+    tok, model = tokenizers["teacher"], rule(models["teacher"])
+    prompt_ids = model.encode_prompt("q", "h")
+    assert model.encode_response(Response("abc", finish_reason="length"), prompt_ids, "h") == ids(tok, "abc")
+    # a non-canonical tokenization, as a model can sample it: one byte token per character
+    sampled = [tok.convert_tokens_to_ids(c) for c in "abc"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert sampled[:3] != ids(tok, "abc")
+    carried = Response("abc", tuple(sampled), vocab_digest(tok), "stop")
+    assert model.encode_response(carried, prompt_ids, "h") == sampled
+    # ids of another vocabulary, or ids that no longer decode to the text, are not used
+    other = Response("abc", tuple(sampled), "0" * 64, "stop")
+    edited = Response("abd", tuple(sampled), vocab_digest(tok), "stop")
+    assert model.encode_response(other, prompt_ids, "h") == ids(tok, "abc") + sampled[-1:]
+    assert model.encode_response(edited, prompt_ids, "h") == ids(tok, "abd") + sampled[-1:]
 
 
-def test_chat_mode_choice_and_digest(tokenizers):
-    tok = tokenizers["teacher"]
-    assert uses_chat_template(tok) and not uses_chat_template(tok, no_chat_template=True)
-    assert tokenizer_digest(tok, True) != tokenizer_digest(tok, False)
-    assert tokenizer_digest(tok, True) != tokenizer_digest(tokenizers["student"], True)
-    assert tokenizer_digest(tok, True) == tokenizer_digest(AutoTokenizer.from_pretrained(tok.name_or_path), True)
+# ---------------------------------------------------------------- templates that behave like real ones
+
+
+def test_think_opener_and_reasoning_scored_as_written(templated):
+    model = rule(templated["think"])
+    tok = model.tokenizer
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "secret plan</think>\n\nHello"},
+               {"role": "user", "content": "Add 2 and 2."}]
+    prompt_ids = model.encode_prompt(history, "here")
+    text = tok.decode(prompt_ids)
+    assert text.endswith("<|im_start|>assistant\n<think>\n")  # the generation prompt opens a think block
+    assert "secret plan" not in text  # the template strips reasoning from earlier turns
+    reasoning = "First I add.\n</think>\n\nThe answer is 4."
+    end = [tok.convert_tokens_to_ids("<|im_end|>")]
+    # the response is scored as written, reasoning and all, whatever the template does to assistant turns
+    assert model.encode_response(Response(reasoning), prompt_ids, "h") == ids(tok, reasoning) + end
+    # a dataset that also stores the opener is not scored twice for it
+    assert model.encode_response(Response("<think>\n" + reasoning), prompt_ids, "h") == ids(tok, reasoning) + end
+
+
+def test_thinking_switch(templated):
+    on, off = rule(templated["thinking_switch"]), rule(templated["thinking_switch"],
+                                                       template_kwargs={"enable_thinking": False})
+    tok = on.tokenizer
+    assert tok.decode(on.encode_prompt("q", "h")).endswith("<|im_start|>assistant\n")
+    assert tok.decode(off.encode_prompt("q", "h")).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.digest != off.digest and on.record()["template_kwargs"] == {}
+    # an answer without reasoning is scored as written, not as the template would render it
+    answer = off.encode_response(Response("Four."), off.encode_prompt("q", "h"), "h")
+    assert tok.decode(answer) == "Four.<|im_end|>"
+
+
+def test_trim_applies_to_the_prompt_not_the_response(templated):
+    model = rule(templated["trim_date"], template_date="2026-03-01")
+    tok = model.tokenizer
+    prompt_ids = model.encode_prompt([{"role": "user", "content": "   padded question   "}], "h")
+    assert "\npadded question<|im_end|>" in tok.decode(prompt_ids)
+    assert tok.decode(model.encode_response(Response("  spaced answer  "), prompt_ids, "h")) == \
+        "  spaced answer  <|im_end|>"
+
+
+def test_date_is_pinned(templated):
+    march, june = (rule(templated["trim_date"], template_date=date) for date in ("2026-03-01", "2026-06-30"))
+    assert "Today Date: 01 Mar 2026" in march.tokenizer.decode(march.encode_prompt("q", "h"))
+    assert "Today Date: 30 Jun 2026" in june.tokenizer.decode(june.encode_prompt("q", "h"))
+    assert march.digest != june.digest and march.record()["template_date"] == "2026-03-01"
+    # a template without a date ignores the pin
+    assert rule(templated["effort"], template_date="2026-03-01").template_date is None
+
+
+def test_template_variables(templated):
+    default, high = rule(templated["effort"]), rule(templated["effort"], template_kwargs={"reasoning_effort": "high"})
+    assert "Reasoning: medium" in default.tokenizer.decode(default.encode_prompt("q", "h"))
+    assert "Reasoning: high" in high.tokenizer.decode(high.encode_prompt("q", "h"))
+
+
+@pytest.mark.parametrize("conversation, message", [
+    ([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "System role not supported"),
+    ([{"role": "user", "content": "u"}, {"role": "user", "content": "again"}], "roles must alternate"),
+])
+def test_template_refusals_are_one_line(templated, conversation, message):
+    with pytest.raises(DadpoError) as error:
+        rule(templated["strict_roles"]).encode_prompt(conversation, "pairs.jsonl row id 'q7'")
+    text = str(error.value)
+    assert "\n" not in text and "pairs.jsonl row id 'q7'" in text and "strict_roles" in text and message in text
+
+
+def test_digests(models, tokenizers):
+    teacher = rule(models["teacher"])
+    assert teacher.digest != rule(models["teacher"], no_chat_template=True).digest
+    assert teacher.digest != rule(models["student"]).digest
+    assert teacher.digest == rule(models["teacher"]).digest
+    assert teacher.vocab == vocab_digest(tokenizers["teacher"]) != vocab_digest(tokenizers["student"])
+    with pytest.raises(DadpoError, match="without a chat template"):
+        rule(models["teacher"], no_chat_template=True, template_kwargs={"enable_thinking": False})

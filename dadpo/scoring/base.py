@@ -1,63 +1,38 @@
 """The scorer interface: sentence log-probs of responses given prompts, as token ids.
 
-Every backend receives token ids produced by dadpo.tokenization (backends never tokenize),
-and returns, per sequence, the float64 sum over the response tokens of the fp32 log-softmax
-at the previous position: log pi(y|x) = sum_t log p(y_t | x, y_<t).
+Every backend receives token ids produced by dadpo.tokenization (backends never tokenize) and
+returns, per sequence, the float64 sum over the response tokens of the fp32 log-softmax at the
+previous position: log pi(y|x) = sum_t log p(y_t | x, y_<t).
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 # (prompt_ids, response_ids); the response is scored, the prompt only conditions.
 TokenizedSequence = tuple[Sequence[int], Sequence[int]]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load: an HF hub id or a local folder, and how."""
-
-    path: str
-    revision: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Backend knobs. hf uses batch_size/device; vllm uses the rest (and ignores batch_size)."""
-
-    batch_size: int = 8
-    device: str | None = None  # hf: None picks cuda when available, else cpu
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    max_num_batched_tokens: int | None = None
-    fp32_head: bool = False
-    seed: int = 0
-    extra: dict = field(default_factory=dict)  # --vllm-arg KEY=VALUE, already parsed
+# (prompt_ids, chosen_ids, rejected_ids): a pair, whose prompt a backend may compute once.
+TokenizedPair = tuple[Sequence[int], Sequence[int], Sequence[int]]
 
 
 class Scorer(abc.ABC):
-    """Scores sequences with one model. Construct, call score() any number of times, close()."""
-
-    #: backend name recorded in the manifest ("hf" or "vllm")
-    backend: str
+    """Scores sequences with one model. Construct, call score()/score_pairs() any number of times, close()."""
 
     @abc.abstractmethod
     def score(self, sequences: Sequence[TokenizedSequence], on_tokens: Callable[[int], None] | None = None) -> np.ndarray:
-        """Return float64 log pi(response | prompt), one per sequence, in input order.
+        """float64 log pi(response | prompt), one per sequence, in input order. on_tokens, when given,
+        is called with the number of tokens scored, for progress bars."""
 
-        on_tokens, when given, is called with the number of tokens (prompt + response) as
-        they are scored, for progress bars."""
-
-    @abc.abstractmethod
-    def backend_version(self) -> str:
-        """Version string of the engine (e.g. transformers or vllm version)."""
+    def score_pairs(self, pairs: Sequence[TokenizedPair],
+                    on_tokens: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(log pi(chosen | prompt), log pi(rejected | prompt)) per pair. Backends that can compute a
+        shared prompt once override this; the default scores 2n sequences."""
+        n = len(pairs)
+        scores = self.score([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], on_tokens)
+        return scores[:n], scores[n:]
 
     def close(self) -> None:
         """Release the model and its device memory."""

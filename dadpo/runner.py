@@ -1,8 +1,10 @@
-"""Run one function in a fresh (spawned) process and hand its result back.
+"""The pass runner shared by `dadpo generate` and `dadpo cache-teacher`: each model in its own pass,
+one after the other, never two in memory; with vLLM each pass in a fresh (spawned) process.
 
-vLLM work runs this way: each engine lives and dies with its own process, so its memory (device
-and host) is fully released before the next model loads, and nothing of one engine's torch or
-CUDA state leaks into the next.
+Each engine then lives and dies with its own process, so its memory (device and host) is fully
+released before the next model loads, and nothing of one engine's torch or CUDA state leaks into
+the next. A pass works through units (shards, chunks) and publishes each one whole, so a stop
+signal, a crash or a kill loses at most the unit in flight.
 
 The child ends with os._exit(0) once its result is sent. vLLM 0.32 sometimes aborts during
 interpreter teardown, after all work is done ("terminate called without an active exception",
@@ -17,9 +19,11 @@ import multiprocessing
 import os
 import pickle
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
+from dadpo import stop
 from dadpo.errors import DadpoError
 
 # After the child's result arrives it only has to flush and _exit; a stuck child is killed.
@@ -37,6 +41,7 @@ def call_isolated(function: Callable[..., Any], *args: Any, **kwargs: Any) -> An
     process = context.Process(target=_child, args=(sender, function, args, kwargs), name="dadpo-isolated")
     process.start()
     sender.close()  # the parent keeps only the reading end, so a dead child shows as EOF
+    stop.forward_to(process.pid)  # a stop signal to this process reaches the child too
     try:
         try:
             status, payload = receiver.recv()
@@ -45,6 +50,7 @@ def call_isolated(function: Callable[..., Any], *args: Any, **kwargs: Any) -> An
             raise RuntimeError(f"{_name(function)}: its subprocess died with exit code {process.exitcode} "
                                "before returning a result") from None
     finally:
+        stop.forward_to(None)
         receiver.close()
         process.join(_EXIT_GRACE_S)
         if process.is_alive():
@@ -60,6 +66,7 @@ def _name(function: Callable) -> str:
 
 
 def _child(sender, function, args, kwargs) -> None:
+    stop.install()
     try:
         message = ("ok", function(*args, **kwargs))
     except BaseException as exc:  # noqa: BLE001  (everything goes back to the parent)
@@ -89,3 +96,55 @@ def _portable(exc: BaseException) -> BaseException:
         return exc
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def run_passes(function: Callable[[Any], dict], jobs: list, isolated: Callable[[Any], bool]) -> dict[str, dict]:
+    """function(job) for each job (each has a .role), one after the other, in a fresh process where
+    isolated(job); returns {role: the stats the pass returned}. Stops after the pass in flight when
+    a stop signal came (dadpo.stop), raising stop.Stopped."""
+    stats = {}
+    for job in jobs:
+        try:
+            stats[job.role] = call_isolated(function, job) if isolated(job) else function(job)
+        except Exception:
+            # a stop signal to the whole process group can kill an engine mid-unit; that unit was
+            # abandoned unpublished, so this is a stop, not a failure
+            stop.raise_if_requested()
+            raise
+        stop.raise_if_requested()
+    return stats
+
+
+class Progress:
+    """A tqdm bar on an interactive terminal; elsewhere (logs, SLURM, pipes) a plain line on stdout
+    at most every 30 s, so log files stay readable and stderr stays for errors."""
+
+    def __init__(self, desc: str, total_units: int, unit: str, enabled: bool):
+        self.desc, self.total_units, self.unit, self.done, self.count = desc, total_units, unit, 0, 0
+        self.started = self.last_line = time.monotonic()
+        self.bar = None
+        self.lines = enabled and not sys.stderr.isatty()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=desc, unit="tok", unit_scale=True, file=sys.stderr, mininterval=1.0)
+
+    def tokens(self, count: int) -> None:
+        self.count += count
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def unit_done(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.lines and now - self.last_line >= 30:
+            self.last_line = now
+            rate = self.count / max(now - self.started, 1e-9)
+            print(f"{self.desc}: {self.done}/{self.total_units} {self.unit}s done, {rate:.0f} tok/s", flush=True)
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

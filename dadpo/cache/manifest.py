@@ -1,4 +1,4 @@
-"""The cache manifest (data_specs/cache.v1.md): what produced the numbers, and which shards exist.
+"""The cache manifest (data_specs/cache.v2.md): what produced the numbers, and which shards exist.
 
 manifest.json is only ever replaced whole (dadpo.atomic), under an advisory lock (flock) on
 CACHE/.lock, so any number of uncoordinated workers can record their shards into one folder and a
@@ -15,50 +15,71 @@ from pathlib import Path
 
 from dadpo import __version__
 from dadpo.atomic import write_json_atomic, write_text_atomic
+from dadpo.cache.layout import DROPPED_NAME, MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, shard_file
 from dadpo.errors import DadpoError
 from dadpo.specs import validate_json
-
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-DROPPED_NAME = "dropped_ids.txt"
+from dadpo.tokenization import RULE_VERSION
 
 # What must match for cached numbers to be comparable: (key path, label for the message).
 GUARDED = [
-    (("schema_version",), "schema version"),
     (("pairs", "fingerprint"), "pairs content (fingerprint)"),
     (("pairs", "rows"), "number of pairs"),
     (("pairs", "extra_columns"), "pairs extra columns"),
+    (("pairs", "prompt_format"), "prompt format"),
     (("shard_size",), "shard size"),
     (("length_rule", "max_length"), "max length"),
     (("length_rule", "on_overlong"), "on-overlong rule"),
-    (("tokenization_rule",), "tokenization rule version"),
 ]
-for _role in ("teacher", "reference"):
-    GUARDED += [
-        ((_role, "model"), f"{_role} model"),
-        ((_role, "revision"), f"{_role} revision"),
-        ((_role, "weights_digest"), f"{_role} weights digest"),
-        ((_role, "tokenizer_digest"), f"{_role} tokenizer or chat template"),
-        ((_role, "chat_template"), f"{_role} chat-template mode"),
-        ((_role, "dtype"), f"{_role} dtype"),
-        ((_role, "backend"), f"{_role} backend"),
-        ((_role, "backend_version"), f"{_role} backend version"),
-        ((_role, "fp32_head"), f"{_role} fp32 head"),
-    ]
+MODEL_GUARDED = [
+    ("model", "model"), ("revision", "revision"), ("weights_digest", "weights digest"),
+    ("tokenizer_digest", "tokenizer, chat template, template variables or date"),
+    ("chat_template", "chat-template mode"), ("template_kwargs", "template variables"),
+    ("template_date", "template date"), ("dtype", "dtype"), ("backend", "backend"),
+    ("backend_version", "backend version"), ("fp32_head", "fp32 head"), ("server", "server"),
+]
 
 
 def new_manifest(header: dict) -> dict:
-    """A manifest with no shards yet. `header` holds pairs, length_rule, shard_size,
-    num_shards, teacher, reference (see data_specs/cache.v1.md)."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "dadpo_version": __version__,
-        "tokenization_rule": 1,
-        **header,
-        "shards": [],
-        "complete": False,
-        "totals": {"rows": 0, "dropped": 0, "shards_done": 0},
-    }
+    """A manifest with no shards yet. `header` holds pairs, length_rule, shard_size, num_shards,
+    reference, teachers (see data_specs/cache.v2.md)."""
+    return {"schema_version": SCHEMA_VERSION, "dadpo_version": __version__, "tokenization_rule": RULE_VERSION,
+            **header, "shards": [], "complete": False, "totals": _totals([])}
+
+
+def model_records(manifest: dict) -> dict[str, dict]:
+    """{role: record}: "reference" and "teacher" or "teacher:NAME" for each teacher (schema 1 too)."""
+    teachers = manifest.get("teachers")
+    if teachers is None:  # schema 1: one unnamed teacher
+        teachers = {"": manifest["teacher"]}
+    return {"reference": manifest["reference"], **{f"teacher:{name}" if name else "teacher": record
+                                                   for name, record in teachers.items()}}
+
+
+def reuse_identity(record: dict) -> dict:
+    """What must match for a model's cached scores to be copied into another cache (--reuse-from): the
+    scores are keyed on the token ids, so the weights and how they ran decide, not the template."""
+    return {key: record.get(key) for key in ("model", "revision", "weights_digest", "dtype", "backend",
+                                             "backend_version", "fp32_head", "server")}
+
+
+def differences(existing: dict, requested: dict) -> list[str]:
+    """Each guarded field that differs, as 'label: X in the cache, Y requested'."""
+    if existing.get("schema_version") != requested.get("schema_version"):
+        return [f"cache schema {existing.get('schema_version')} (tokenization rule "
+                f"{existing.get('tokenization_rule')}) in the cache, schema {requested['schema_version']} (rule "
+                f"{requested['tokenization_rule']}, data_specs/tokenization.v2.md) requested; training from the old "
+                "cache still works"]
+    found = [_differ(label, _get(existing, path), _get(requested, path)) for path, label in GUARDED]
+    have, want = model_records(existing), model_records(requested)
+    if set(have) != set(want):
+        found.append(f"models: {sorted(have)} in the cache, {sorted(want)} requested")
+    for role in sorted(set(have) & set(want)):
+        found += [_differ(f"{role} {label}", have[role].get(key), want[role].get(key)) for key, label in MODEL_GUARDED]
+    return [line for line in found if line]
+
+
+def _differ(label: str, have, want) -> str | None:
+    return None if have == want else f"{label}: {_short(have)} in the cache, {_short(want)} requested"
 
 
 def _get(record: dict, path: tuple[str, ...]):
@@ -67,16 +88,6 @@ def _get(record: dict, path: tuple[str, ...]):
             return None
         record = record.get(key)
     return record
-
-
-def differences(existing: dict, requested: dict) -> list[str]:
-    """Each guarded field that differs, as 'label: X in the cache, Y requested'."""
-    found = []
-    for path, label in GUARDED:
-        have, want = _get(existing, path), _get(requested, path)
-        if have != want:
-            found.append(f"{label}: {_short(have)} in the cache, {_short(want)} requested")
-    return found
 
 
 def _short(value) -> str:
@@ -98,17 +109,13 @@ def read_manifest(cache_dir: Path) -> dict | None:
         raise DadpoError(f"{path}: unreadable manifest ({' '.join(str(exc).split())})") from None
     if not isinstance(manifest, dict):
         raise DadpoError(f"{path}: not a dadpo manifest (expected a JSON object)")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DadpoError(
-            f"{path}: cache schema version {manifest.get('schema_version')!r}, this dadpo reads {SCHEMA_VERSION}"
-        )
+    version = manifest.get("schema_version")
+    if version not in READABLE_SCHEMAS:
+        raise DadpoError(f"{path}: cache schema version {version!r}, this dadpo reads "
+                         f"{', '.join(map(str, READABLE_SCHEMAS))}")
     check_shard_entries(manifest, path)
-    validate_json(manifest, "manifest.v1.schema.json", where=str(path))
+    validate_json(manifest, f"manifest.v{version}.schema.json", where=str(path))
     return manifest
-
-
-def expected_shard_file(index: int, num_shards: int) -> str:
-    return f"shards/shard-{index:05d}-of-{num_shards:05d}.parquet"
 
 
 def check_shard_entries(manifest: dict, where: Path) -> None:
@@ -125,7 +132,7 @@ def check_shard_entries(manifest: dict, where: Path) -> None:
         if index in seen:
             raise DadpoError(f"{where}: shard {index} is listed twice")
         seen.add(index)
-        expected = expected_shard_file(index, num_shards)
+        expected = shard_file(index, num_shards)
         if entry.get("file") != expected:
             raise DadpoError(f"{where}: shard {index} names file {entry.get('file')!r}, expected {expected!r} "
                              "(shard files must stay inside the cache folder)")
@@ -157,6 +164,12 @@ def forget_shard(cache_dir: Path, index: int) -> dict:
     return _update_shards(cache_dir, lambda shards: {k: v for k, v in shards.items() if k != index})
 
 
+def _totals(shards: list[dict]) -> dict:
+    return {"rows": sum(s["rows"] for s in shards), "dropped": sum(len(s["dropped_ids"]) for s in shards),
+            "shards_done": len(shards), "sequences_scored": sum(s.get("sequences_scored", 0) for s in shards),
+            "sequences_reused": sum(s.get("sequences_reused", 0) for s in shards)}
+
+
 def _update_shards(cache_dir: Path, change) -> dict:
     # Read-modify-write under the lock, so concurrent workers never lose each other's shards.
     cache_dir = Path(cache_dir)
@@ -164,11 +177,7 @@ def _update_shards(cache_dir: Path, change) -> dict:
         manifest = read_manifest(cache_dir)
         shards = change({s["index"]: s for s in manifest["shards"]})
         manifest["shards"] = [shards[i] for i in sorted(shards)]
-        manifest["totals"] = {
-            "rows": sum(s["rows"] for s in manifest["shards"]),
-            "dropped": sum(len(s["dropped_ids"]) for s in manifest["shards"]),
-            "shards_done": len(manifest["shards"]),
-        }
+        manifest["totals"] = _totals(manifest["shards"])
         manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
         # dropped_ids.txt first: a crash between the two writes leaves the shard unrecorded,
         # and the re-run that records it rewrites both.

@@ -1,0 +1,526 @@
+"""`dadpo cache-teacher`: score every pair once under each teacher and the reference, into shards.
+
+    pairs file --load_pairs-->  normalised pairs, fingerprint              (dadpo.pairs)
+        --plan-->               every model's token ids of each pending shard, length rule applied,
+                                before any model loads: template refusals and over-long pairs
+                                surface in seconds                          (dadpo.cache.passes)
+        --one pass per model--> its scores of each shard; one model in memory at a time, each vLLM
+                                engine in its own process                   (dadpo.cache.passes)
+        --assemble-->           shards/shard-NNNNN-of-MMMMM.parquet + its manifest entry
+                                                                            (dadpo.cache.shards)
+
+Shard k always holds pairs [k*shard_size, (k+1)*shard_size), and worker i of n owns the shards with
+k % n == i, so any number of workers, runs and restarts produce the same files. Each step skips what
+is already on disk, and every file appears atomically (dadpo.atomic). A re-run after a crash, a
+kill -9 or a stop signal therefore continues where it stopped, with no pair lost or duplicated: it
+adopts a shard written just before the crash but not yet recorded (after checking it holds exactly
+the pairs it should), recomputes a recorded shard whose file no longer matches its checksum, and
+clears temporary files that dead writers left behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dadpo import stop
+from dadpo.atomic import sweep_temp_files, temp_path, write_json_atomic, write_parquet_atomic
+from dadpo.cache.claims import worker_claim
+from dadpo.cache.layout import REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR, shard_file, teacher_prefix, work_path
+from dadpo.cache.manifest import (differences, forget_shard, locked, manifest_path, new_manifest, read_manifest,
+                                  record_shard, write_dropped_ids)
+from dadpo.cache.passes import PassJob, Side, plan_shard, run_pass
+from dadpo.cache.shards import assemble_shard, check_shard, shard_entry, whole_unrecorded_shard
+from dadpo.engine import EngineOptions
+from dadpo.errors import DadpoError
+from dadpo.modeling import check_dtype, check_model_folder, max_positions, resolve_model, resolved_dtype, weights_digest
+from dadpo.options import REQUIRED, option
+from dadpo.pairs import PROMPT_FORMATS, load_pairs
+from dadpo.runner import run_passes
+from dadpo.scoring import BACKENDS, backend_version, pick_backend
+from dadpo.scoring.server import probe_server
+from dadpo.tokenization import check_date, parse_template_kwargs, today
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+@dataclass
+class CacheTeacherConfig:
+    pairs: str = option(REQUIRED, "Pairs file: .parquet, .jsonl, .json, a datasets.save_to_disk folder, a folder of "
+                        "data files or a Hub dataset id (with --pairs-split), in any TRL preference layout: prompt + "
+                        "chosen (teacher response) + rejected (student response) [+ id], or whole conversations. "
+                        "See data_specs/pairs.v2.md.")
+    reference: str = option(REQUIRED, "Reference model (the dSFT student): HF hub id or local folder.")
+    out: str = option(REQUIRED, "Cache folder to create or resume.")
+    teacher: list = option(help="Teacher model: HF hub id or local folder; NAME=MODEL to cache several teachers "
+                           "(repeat the flag). Without --teacher only the reference is cached (plain DPO).",
+                           factory=list, metavar="[NAME=]MODEL")
+    teacher_url: list = option(help="Score that teacher through a running OpenAI-compatible vLLM server at URL "
+                               "([NAME=]URL, repeatable); --teacher still names its tokenizer.", factory=list,
+                               metavar="[NAME=]URL")
+    reference_url: str | None = option(None, "Score the reference through a running vLLM server at this URL; "
+                                       "--reference still names its tokenizer.")
+    pairs_split: str | None = option(None, "Split to read from a Hub dataset id or a folder of data files "
+                                     "(datasets.load_dataset); for a save_to_disk DatasetDict.", default_text="train")
+    prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by each model's chat "
+                                "template; raw: string prompts are already-formatted text (TRL's meaning).",
+                                choices=PROMPT_FORMATS)
+    backend: str = option("auto", "auto (vllm when installed, else hf), hf or vllm.", choices=BACKENDS)
+    dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
+    teacher_revision: list = option(help="Hub revision (branch, tag or commit) of the teacher ([NAME=]REV).",
+                                    factory=list, metavar="[NAME=]REV")
+    reference_revision: str | None = option(None, "Hub revision of the reference.")
+    teacher_template_kwargs: list = option(help="The teacher's chat-template variables as JSON ([NAME=]JSON), e.g. "
+                                           "'{\"enable_thinking\": false}' or '{\"reasoning_effort\": \"high\"}'.",
+                                           factory=list, metavar="[NAME=]JSON")
+    reference_template_kwargs: str | None = option(None, "The reference's chat-template variables as JSON.")
+    template_date: str | None = option(None, "Date (YYYY-MM-DD) that templates which write today's date render; "
+                                       "pinned in the manifest.", default_text="the cache's, the pairs' generate "
+                                       "date, or today")
+    max_length: int | None = option(None, "Max prompt+response tokens, checked under every model's tokenizer; a pair "
+                                    "over it on any side is dropped whole (never truncated).",
+                                    default_text="the models' limit")
+    on_overlong: str = option("drop", "drop: skip over-long pairs (ids in CACHE/dropped_ids.txt); error: stop at the "
+                              "first one.", choices=("drop", "error"))
+    shard_size: int = option(1000, "Pairs per shard: the unit of progress kept across crashes.")
+    num_workers: int = option(1, "Split the work over N independent processes (one per GPU, SLURM array, ...).")
+    worker_index: int = option(0, "This process's index in 0..N-1.")
+    reuse_from: list = option(help="An earlier cache whose scores are copied instead of computed, for every sequence "
+                              "it scored under the same model weights, dtype and engine (repeatable).",
+                              factory=list, metavar="OLD_CACHE")
+    server_concurrency: int = option(8, "Requests in flight per server (--teacher-url/--reference-url).")
+    server_timeout: float = option(300.0, "Seconds before a server request is retried.")
+    overwrite: bool = option(False, "Delete an existing cache in --out and start over (one worker only: run it "
+                             "before launching the others).")
+    no_chat_template: bool = option(False, "Plain mode: ignore the models' chat templates.")
+    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
+    engine: EngineOptions = option(help="", factory=EngineOptions)
+    progress: bool = option(True, "Progress bars.", cli=False)
+
+
+@dataclass
+class CacheSummary:
+    path: str
+    rows: int
+    dropped: int
+    shards_done: int
+    num_shards: int
+    complete: bool
+    seconds: float
+    pass_stats: dict
+    adopted: int = 0  # shards found whole on disk but unrecorded (a crash in between), now recorded
+    repaired: int = 0  # recorded shards whose file failed its checksum, recomputed
+    sequences_scored: int = 0
+    sequences_reused: int = 0
+    plan_seconds: float = 0.0
+
+
+def cache_teacher(cfg: CacheTeacherConfig) -> CacheSummary:
+    started = time.monotonic()
+    _check_flags(cfg)
+    out, created = _prepare_out(cfg.out)
+    scratch = temp_path(out / "plan")
+    try:
+        with stop.handling(), worker_claim(out, cfg.worker_index, cfg.num_workers):
+            return _build(cfg, out, scratch, started)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if created and not any(p for p in out.iterdir() if p.name != ".lock"):
+            shutil.rmtree(out, ignore_errors=True)  # refused before writing anything: leave no trace
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build(cfg: CacheTeacherConfig, out: Path, scratch: Path, started: float) -> CacheSummary:
+    existing = None if cfg.overwrite else _read_existing(out)
+    if existing is not None and existing["schema_version"] != SCHEMA_VERSION:
+        raise DadpoError(f"--out {out}: a cache made by tokenization rule {existing.get('tokenization_rule')} (schema "
+                         f"{existing['schema_version']}); this dadpo scores by rule 2 (data_specs/tokenization.v2.md). "
+                         "Training from that cache still works; to cache these pairs by rule 2, pass --overwrite to "
+                         "start over, or choose another --out")
+    sides = _describe_models(cfg, existing)
+    pairs = load_pairs(cfg.pairs, split=cfg.pairs_split, prompt_format=cfg.prompt_format, workdir=scratch)
+    num_shards = math.ceil(len(pairs) / cfg.shard_size)
+    header = {"pairs": {"source": str(cfg.pairs), "fingerprint": pairs.fingerprint, "rows": len(pairs),
+                        "extra_columns": pairs.extra_columns, "prompt_format": cfg.prompt_format},
+              "length_rule": {"max_length": sides.max_length, "on_overlong": cfg.on_overlong,
+                              "applies_to": "prompt+response tokens, under every model's tokenizer"},
+              "shard_size": cfg.shard_size, "num_shards": num_shards,
+              "reference": sides.reference.record, "teachers": {name: s.record for name, s in sides.teachers.items()}}
+    if existing is not None:
+        _refuse_differences(out, existing, header)  # early, before the tokenization below
+    recorded = {s["index"] for s in existing["shards"]} if existing else set()
+    mine = [k for k in range(num_shards) if k % cfg.num_workers == cfg.worker_index]
+
+    # The plan: nothing under --out changes, and no model loads, until every pending pair tokenizes.
+    plan_started = time.monotonic()
+    planned = _plan(cfg, out, scratch, pairs, sides, [k for k in mine if k not in recorded])
+    plan_seconds = time.monotonic() - plan_started
+
+    manifest = _open_or_create(out, header, cfg.overwrite)
+    recorded = {s["index"] for s in manifest["shards"]}  # again: another process may have recorded some since
+    _publish_plan(out, scratch, planned)
+    sweep_temp_files(out)
+    repaired = _recheck_recorded(out, manifest, mine)
+    todo, adopted = [], []
+    for k in sorted(set(k for k in mine if k not in recorded) | set(repaired)):
+        if not work_path(out, "tokens", k).exists():  # a repaired shard's tokens were removed with it
+            _publish_plan(out, scratch, _plan(cfg, out, scratch, pairs, sides, [k]))
+        if _adopt(out, k, manifest, pairs):
+            adopted.append(k)
+        else:
+            todo.append(k)
+
+    jobs = [PassJob(side, str(out), [k for k in todo if not work_path(out, side.prefix, k).exists()], sides.backend,
+                    cfg.engine, sides.max_length, cfg.trust_remote_code, cfg.progress, list(cfg.reuse_from),
+                    _server_settings(cfg, side, sides.max_length))
+            for side in sides.in_pass_order()]
+    jobs = [job for job in jobs if job.shards]
+    try:
+        pass_stats = run_passes(run_pass, jobs, isolated=lambda job: sides.backend == "vllm" and not job.side.url)
+    finally:  # also on a stop signal: every shard all models scored is published before the process ends
+        for k in todo:
+            if all(work_path(out, side.prefix, k).exists() for side in sides.in_pass_order()):
+                _assemble(out, k, manifest, pairs, sides)
+        manifest = _finish(out)
+    totals = manifest["totals"]
+    return CacheSummary(str(out), totals["rows"], totals["dropped"], totals["shards_done"], num_shards,
+                        manifest["complete"], time.monotonic() - started, pass_stats, len(adopted), len(repaired),
+                        totals["sequences_scored"], totals["sequences_reused"], plan_seconds)
+
+
+# ---------------------------------------------------------------- the models
+
+
+@dataclass
+class Sides:
+    reference: Side
+    teachers: dict[str, Side]
+    backend: str
+    max_length: int | None
+
+    def in_pass_order(self) -> list[Side]:
+        return [*self.teachers.values(), self.reference]
+
+    def tokenizers(self, trust_remote_code: bool) -> dict:
+        return {side.prefix: side.tokenizer(trust_remote_code) for side in self.in_pass_order()}
+
+
+def named(values: list[str], flag: str, allow_unnamed: bool = True) -> dict[str, str]:
+    """[NAME=]VALUE items -> {name: value}; "" names the one unnamed item."""
+    found: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not (sep and _NAME.match(name) and not os.path.exists(item)):
+            name, value = "", item
+        if name in found:
+            raise DadpoError(f"{flag} {item}: {'the teacher ' + repr(name) if name else 'an unnamed value'} is given "
+                             "twice; name each one NAME=...")
+        found[name] = value
+    if "" in found and len(found) > 1:
+        raise DadpoError(f"{flag}: with several teachers, name each one (NAME=...): {', '.join(values)}")
+    return found
+
+
+def _describe_models(cfg: CacheTeacherConfig, existing: dict | None) -> Sides:
+    teachers = named(cfg.teacher, "--teacher")
+    urls = named(cfg.teacher_url, "--teacher-url")
+    revisions = named(cfg.teacher_revision, "--teacher-revision")
+    kwargs = {name: parse_template_kwargs(text, "--teacher-template-kwargs")
+              for name, text in named(cfg.teacher_template_kwargs, "--teacher-template-kwargs").items()}
+    for flag, given in (("--teacher-url", urls), ("--teacher-revision", revisions),
+                        ("--teacher-template-kwargs", kwargs)):
+        unknown = [name or "(unnamed)" for name in given if name not in teachers]
+        if unknown:
+            raise DadpoError(f"{flag}: no --teacher named {', '.join(unknown)} (teachers: "
+                             f"{', '.join(n or '(unnamed)' for n in teachers) or 'none'})")
+    served = [urls.get(name) for name in teachers] + [cfg.reference_url]
+    backend = pick_backend(cfg.backend) if not all(served) else "server"
+    date = cfg.template_date or (existing or {}).get("template_date") or _generate_date(cfg.pairs) or today()
+    entries = [("reference", REFERENCE, "--reference", cfg.reference, cfg.reference_revision, cfg.reference_url,
+                parse_template_kwargs(cfg.reference_template_kwargs, "--reference-template-kwargs"))]
+    entries += [(f"teacher:{name}" if name else "teacher", teacher_prefix(name),
+                 f"--teacher {name}" if name else "--teacher", model, revisions.get(name), urls.get(name),
+                 kwargs.get(name, {})) for name, model in teachers.items()]
+    resolved = {}  # the cheap checks first, so a typo is refused in a second
+    for role, prefix, flag, model, revision, url, _ in entries:
+        resolved[role] = resolve_model(model, revision, flag)
+        check_model_folder(resolved[role], cfg.trust_remote_code, flag)
+    sides = {}
+    for role, prefix, flag, model, revision, url, template_kwargs in entries:
+        sides[role] = Side(role, prefix, flag, model, resolved[role].local_path, resolved[role].revision,
+                           not cfg.no_chat_template, template_kwargs, date, {}, url)
+    tokenizers = {role: side.tokenizer(cfg.trust_remote_code) for role, side in sides.items()}
+    servers = {role: probe_server(side.url, tokenizer=tokenizers[role].tokenizer, max_length=cfg.max_length,
+                                  where=_url_flag(side), tokenizer_name=f"{side.flag}'s tokenizer")
+               for role, side in sides.items() if side.url}
+    max_length = _length_limit(cfg.max_length, resolved, backend, servers)
+    for role, side in sides.items():
+        side.template_date = tokenizers[role].template_date  # None unless the template writes a date
+        side.record = {"model": resolved[role].record_name, "revision": resolved[role].revision,
+                       **tokenizers[role].record(), **_engine_record(cfg, resolved[role], backend, servers.get(role))}
+    return Sides(sides.pop("reference"), {name: sides[f"teacher:{name}" if name else "teacher"] for name in teachers},
+                 backend, max_length)
+
+
+def _engine_record(cfg, resolved, backend: str, server: dict | None) -> dict:
+    if server:
+        return {"weights_digest": None, "dtype": "server", "backend": "server",
+                "backend_version": server.get("server_version"), "fp32_head": False, "server": server}
+    return {"weights_digest": weights_digest(resolved), "dtype": resolved_dtype(resolved, cfg.dtype), "backend": backend,
+            "backend_version": backend_version(backend), "fp32_head": cfg.engine.fp32_head, "server": None}
+
+
+def _server_settings(cfg: CacheTeacherConfig, side: Side, max_length) -> dict:
+    if not side.url:
+        return {}
+    server = side.record["server"]
+    return {"served_model": server["served_model"], "tokenizer_vocab_size": server["vocab_size"],
+            "max_length": max_length, "concurrency": cfg.server_concurrency, "timeout_s": cfg.server_timeout,
+            "where": _url_flag(side)}
+
+
+def _url_flag(side: Side) -> str:
+    """--teacher-url [NAME] or --reference-url: how messages about a served model name it."""
+    flag, _, name = side.flag.partition(" ")
+    return f"{flag}-url {name}".strip()
+
+
+def _generate_date(pairs_path: str) -> str | None:
+    """The template date a `dadpo generate` output was sampled with: its prompts were rendered then."""
+    from dadpo.generate import read_generation_settings
+
+    try:
+        settings = read_generation_settings(pairs_path) or {}
+    except (OSError, ValueError):
+        return None
+    return settings.get("template_date")
+
+
+def _length_limit(max_length: int | None, models: dict, backend: str, servers: dict) -> int | None:
+    """--max-length, or the models' own limit; vLLM (engine or server) scores at most max_model_len - 1 tokens."""
+    room = 1 if backend == "vllm" else 0
+    limits = {role: max_positions(model) for role, model in models.items() if role not in servers}
+    limits = {role: n - room for role, n in limits.items() if n}
+    limits.update({role: server["max_model_len"] - 1 for role, server in servers.items()})
+    if max_length is None:
+        return min(limits.values()) if limits else None
+    for role, limit in limits.items():
+        if max_length > limit:
+            raise DadpoError(f"--max-length {max_length}: the {role} {models[role].name} takes at most {limit} "
+                             f"tokens{' with the vllm backend' if room else ''} (max_position_embeddings)")
+    return max_length
+
+
+# ---------------------------------------------------------------- the folder
+
+
+def _check_flags(cfg: CacheTeacherConfig) -> None:
+    # Only cheap checks here (no torch import): a mistyped flag is refused in well under a second.
+    if cfg.backend not in BACKENDS:
+        raise DadpoError(f"--backend {cfg.backend}: unknown backend; choose one of {', '.join(BACKENDS)}")
+    if cfg.on_overlong not in ("drop", "error"):
+        raise DadpoError(f"--on-overlong {cfg.on_overlong}: choose drop or error")
+    if cfg.prompt_format not in PROMPT_FORMATS:
+        raise DadpoError(f"--prompt-format {cfg.prompt_format}: choose {' or '.join(PROMPT_FORMATS)}")
+    for flag, value, least in (("--shard-size", cfg.shard_size, 1), ("--num-workers", cfg.num_workers, 1),
+                               ("--batch-size", cfg.engine.batch_size, 1), ("--server-concurrency",
+                                                                             cfg.server_concurrency, 1)):
+        if value < least:
+            raise DadpoError(f"{flag} {value}: must be at least {least}")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise DadpoError(f"--max-length {cfg.max_length}: must be at least 2")
+    if not 0 <= cfg.worker_index < cfg.num_workers:
+        raise DadpoError(f"--worker-index {cfg.worker_index}: must be in 0..{cfg.num_workers - 1} "
+                         f"(--num-workers {cfg.num_workers})")
+    for old in cfg.reuse_from:
+        manifest = read_manifest(Path(old)) if Path(old).is_dir() else None
+        if manifest is None:
+            raise DadpoError(f"--reuse-from {old}: not a dadpo cache (no manifest.json)")
+        if manifest["schema_version"] < 2:
+            raise DadpoError(f"--reuse-from {old}: a schema {manifest['schema_version']} cache records no sequence keys; "
+                             "only caches made by this dadpo can be reused")
+    check_date(cfg.template_date)
+    check_dtype(cfg.dtype)
+
+
+def _prepare_out(out: str) -> tuple[Path, bool]:
+    """The cache folder, created if needed and proven writable. Returns (folder, created)."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise DadpoError(f"--out {out}: is a file, expected a folder for the cache")
+    created = not folder.exists()
+    if not created:
+        _refuse_foreign(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(folder / ".write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise DadpoError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return folder, created
+
+
+def _refuse_foreign(folder: Path) -> None:
+    # dadpo writes the manifest before anything else, so shards/ or work/ without one are not a
+    # dadpo cache's: never write into (or, with --overwrite, delete) someone else's files.
+    foreign = [f"{name}/" for name in (SHARDS_DIR, WORK_DIR) if (folder / name).exists()]
+    if foreign and not manifest_path(folder).exists():
+        raise DadpoError(f"--out {folder}: holds {' and '.join(foreign)} but no manifest.json, so it is not a "
+                         "dadpo cache; choose another --out")
+
+
+def _refuse_differences(out: Path, existing: dict, header: dict) -> None:
+    changed = differences(existing, new_manifest(header))
+    if changed:
+        raise DadpoError(f"--out {out}: the cache there was made with different settings: {'; '.join(changed)}. "
+                         "Pass --overwrite to start over, or choose another --out")
+
+
+def _read_existing(out: Path) -> dict | None:
+    try:
+        return read_manifest(out)
+    except DadpoError as exc:
+        raise DadpoError(f"{exc}; pass --overwrite to start over, or choose another --out") from None
+
+
+def _open_or_create(out: Path, header: dict, overwrite: bool) -> dict:
+    with locked(out):
+        if overwrite and manifest_path(out).exists():
+            # The manifest goes last: a crash in between leaves a cache that --overwrite still recognises.
+            for name in (SHARDS_DIR, WORK_DIR):
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / "dropped_ids.txt").unlink(missing_ok=True)
+            manifest_path(out).unlink()
+        existing = _read_existing(out)
+        if existing is None:
+            _refuse_foreign(out)
+            manifest = new_manifest({**header, "template_date": _pinned_date(header)})
+            write_json_atomic(manifest_path(out), manifest)
+            return manifest
+        _refuse_differences(out, existing, header)  # again under the lock: another worker may have made it
+        return existing
+
+
+def _pinned_date(header: dict) -> str | None:
+    dates = {s.get("template_date") for s in [header["reference"], *header["teachers"].values()]} - {None}
+    return dates.pop() if dates else None
+
+
+# ---------------------------------------------------------------- plan, adopt, assemble
+
+
+def _plan(cfg, out: Path, scratch: Path, pairs, sides: Sides, shards: list[int]) -> list[int]:
+    """Tokenize the shards whose token file is not in CACHE/work yet, into the scratch folder."""
+    shards = [k for k in shards if not work_path(out, "tokens", k).exists()]
+    if not shards:
+        return []
+    tokenizers = sides.tokenizers(cfg.trust_remote_code)
+    flags = {side.prefix: side.flag for side in sides.in_pass_order()}
+    for k in shards:
+        tokens, dropped = plan_shard(_shard_rows(pairs, k, cfg.shard_size), tokenizers, flags, sides.max_length,
+                                     cfg.on_overlong, str(cfg.pairs))
+        write_parquet_atomic(tokens, work_path(scratch, "tokens", k), metadata={"dropped_ids": _json(dropped)})
+    return shards
+
+
+def _publish_plan(out: Path, scratch: Path, shards: list[int]) -> None:
+    """Move the plan from the scratch folder into CACHE/work (renames; first writer wins)."""
+    (out / WORK_DIR / "tokens").mkdir(parents=True, exist_ok=True)
+    for k in shards:
+        source, target = work_path(scratch, "tokens", k), work_path(out, "tokens", k)
+        if target.exists():
+            source.unlink(missing_ok=True)
+        else:
+            os.replace(source, target)
+
+
+def _shard_rows(pairs, k: int, shard_size: int):
+    import polars as pl
+
+    rows = pairs.slice(k * shard_size, shard_size)
+    return rows.with_columns(pl.int_range(k * shard_size, k * shard_size + rows.height, dtype=pl.Int64)
+                             .alias("pair_index"))
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _dropped(out: Path, k: int) -> list[str]:
+    import json
+
+    metadata = pq.read_schema(work_path(out, "tokens", k)).metadata or {}
+    return json.loads(metadata.get(b"dropped_ids", b"[]"))
+
+
+def _recheck_recorded(out: Path, manifest: dict, mine: list[int]) -> list[int]:
+    """Recorded shards of this worker whose file is gone or altered: forget them, to recompute."""
+    broken = []
+    for entry in manifest["shards"]:
+        if entry["index"] in mine:
+            try:
+                check_shard(out / entry["file"], entry, manifest)
+            except DadpoError:
+                broken.append(entry["index"])
+                (out / entry["file"]).unlink(missing_ok=True)
+                forget_shard(out, entry["index"])
+    return broken
+
+
+def _adopt(out: Path, k: int, manifest: dict, pairs) -> bool:
+    """Record shard k if its file is whole on disk but unrecorded (a crash between the two)."""
+    kept = pq.read_table(work_path(out, "tokens", k), columns=["pair_index"])["pair_index"].to_pylist()
+    table = whole_unrecorded_shard(out, k, manifest, _shard_rows(pairs, k, manifest["shard_size"]), kept)
+    if table is None:
+        return False
+    record_shard(out, shard_entry(k, manifest, table.num_rows, out / shard_file(k, manifest["num_shards"]),
+                                  _dropped(out, k)))
+    _remove_work(out, k, manifest)
+    return True
+
+
+def _assemble(out: Path, k: int, manifest: dict, pairs, sides: Sides) -> None:
+    tokens = pq.read_table(work_path(out, "tokens", k))
+    scores, counts = {}, {"scored": 0, "reused": 0}
+    for side in sides.in_pass_order():
+        part = pq.read_table(work_path(out, side.prefix, k))
+        scores[side.prefix] = part
+        metadata = part.schema.metadata or {}
+        for key in counts:
+            counts[key] += int(metadata.get(key.encode(), b"0"))
+    entry = assemble_shard(out, k, manifest, _shard_rows(pairs, k, manifest["shard_size"]), tokens, scores,
+                           _dropped(out, k), counts)
+    record_shard(out, entry)
+    _remove_work(out, k, manifest)
+
+
+def _remove_work(out: Path, k: int, manifest: dict) -> None:
+    prefixes = [REFERENCE] + [teacher_prefix(name) for name in manifest["teachers"]]
+    for part in ["tokens", *prefixes]:
+        work_path(out, part, k).unlink(missing_ok=True)
+
+
+def _finish(out: Path) -> dict:
+    """Rewrite dropped_ids.txt from the manifest; the run that finds the cache complete removes the
+    scratch folder and every temporary file."""
+    with locked(out):
+        manifest = read_manifest(out)
+        write_dropped_ids(out, manifest)
+        if manifest["complete"]:
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+            sweep_temp_files(out, everything=True)
+    return manifest

@@ -1,0 +1,209 @@
+"""What cache-teacher does to each pair: tokenize it once for every model (the plan), then score it
+under one model per pass.
+
+    plan_shard   a shard's pairs -> every model's (prompt, chosen, rejected) ids by the one rule
+                 (dadpo.tokenization), the length rule applied to the longest side: a pair over it
+                 under any model is dropped whole, never truncated -> CACHE/work/tokens/NNNNN.parquet
+    run_pass     one model over its pending shards: read the ids, take any score --reuse-from
+                 already holds, score the rest (hf, vllm or a server) -> CACHE/work/<model>/NNNNN.parquet
+
+Each shard's files are published whole; a pass stops after the shard in flight on a stop signal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dadpo import stop
+from dadpo.atomic import write_parquet_atomic
+from dadpo.cache.layout import REFERENCE, shard_file, work_path
+from dadpo.cache.manifest import model_records, read_manifest, reuse_identity
+from dadpo.engine import EngineOptions
+from dadpo.errors import DadpoError
+from dadpo.modeling import ResolvedModel, model_tokenizer
+from dadpo.pairs import decode_prompt, pair_responses
+from dadpo.runner import Progress
+from dadpo.tokenization import ModelTokenizer, length_rule
+
+_IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+@dataclass
+class Side:
+    """One model as the passes need it: where it is, how it tokenizes, what the manifest records."""
+
+    role: str  # reference | teacher | teacher:NAME
+    prefix: str  # its shard columns: ref_* | teacher_* | teacher_NAME_*
+    flag: str  # how messages name it: --reference, --teacher, --teacher NAME
+    name: str  # the model as given (hub id or folder)
+    local_path: str  # the folder with its tokenizer (and weights, unless it is served)
+    revision: str | None
+    chat: bool
+    template_kwargs: dict
+    template_date: str | None
+    record: dict  # its manifest entry
+    url: str | None = None  # scored through this OpenAI-compatible server instead of loaded
+
+    def tokenizer(self, trust_remote_code: bool) -> ModelTokenizer:
+        return model_tokenizer(ResolvedModel(self.name, self.local_path, self.revision), self.flag,
+                               no_chat_template=not self.chat, template_kwargs=self.template_kwargs,
+                               template_date=self.template_date, trust_remote_code=trust_remote_code)
+
+
+def sequence_key(prompt_ids, response_ids) -> int:
+    """64 bits naming a scored sequence: the prompt ids and the response ids (their boundary included)."""
+    data = np.asarray([len(prompt_ids), *prompt_ids, *response_ids], dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def plan_shard(rows: pl.DataFrame, tokenizers: dict[str, ModelTokenizer], flags: dict[str, str],
+               max_length: int | None, on_overlong: str, source: str) -> tuple[pa.Table, list[str]]:
+    """Tokenize a shard's pairs (with pair_index) for every model; apply the length rule. Returns the
+    kept pairs' ids (pair_index, then PREFIX_prompt_ids/chosen_ids/rejected_ids per model) and the
+    ids of the pairs dropped."""
+    kept, kept_ids, dropped = [], [], []
+    ids = {prefix: {name: [] for name in _IDS} for prefix in tokenizers}
+    for row in rows.iter_rows(named=True):
+        prompt, (chosen, rejected) = decode_prompt(row["prompt"]), pair_responses(row)
+        encoded, longest = {}, (0, "")
+        for prefix, tokenizer in tokenizers.items():
+            where = f"{source} row id '{row['id']}' ({flags[prefix]} {tokenizer.name.split(' ', 1)[-1]})"
+            encoded[prefix] = tokenizer.encode_pair(prompt, chosen, rejected, where)
+            p, c, r = encoded[prefix]
+            longest = max(longest, (len(p) + max(len(c), len(r)), prefix))
+        under = flags[longest[1]].removeprefix("--")
+        if length_rule(longest[0], max_length, on_overlong, f"{source} row id '{row['id']}' (under the {under} "
+                                                              "tokenizer)"):
+            dropped.append(row["id"])
+            continue
+        kept.append(row["pair_index"])
+        kept_ids.append(row["id"])
+        for prefix, triple in encoded.items():
+            for name, value in zip(_IDS, triple):
+                ids[prefix][name].append(value)
+    columns = {"pair_index": pa.array(kept, pa.int64()), "id": pa.array(kept_ids, pa.string())}
+    for prefix, lists in ids.items():
+        columns.update({f"{prefix}_{name}": pa.array(values, pa.list_(pa.int32())) for name, values in lists.items()})
+    return pa.table(columns), dropped
+
+
+# ---------------------------------------------------------------- a pass
+
+
+@dataclass
+class PassJob:
+    side: Side
+    out: str
+    shards: list[int]
+    backend: str
+    engine: EngineOptions
+    max_length: int | None
+    trust_remote_code: bool
+    progress: bool
+    reuse_from: list[str] = field(default_factory=list)
+    server: dict = field(default_factory=dict)  # ServerScorer settings for a served model
+
+    @property
+    def role(self) -> str:
+        return self.side.role
+
+
+def run_pass(job: PassJob) -> dict:
+    """Score job.shards under one model and write one part file per shard. Returns its stats."""
+    from dadpo.scoring import make_scorer
+
+    side, out = job.side, Path(job.out)
+    reuse = ReuseIndex(job.reuse_from, side.record)
+    scorer = make_scorer(job, side)
+    progress = Progress(f"{side.role} {side.name} [{side.record['backend']}]", len(job.shards), "shard", job.progress)
+    scored = reused = tokens = 0
+    try:
+        for k in job.shards:
+            table = pq.read_table(work_path(out, "tokens", k),
+                                  columns=["pair_index", "id"] + [f"{side.prefix}_{n}" for n in _IDS])
+            prompts, chosen, rejected = (table[f"{side.prefix}_{n}"].to_pylist() for n in _IDS)
+            keys = np.array([[sequence_key(p, c), sequence_key(p, r)] for p, c, r in zip(prompts, chosen, rejected)],
+                            dtype=np.int64).reshape(-1, 2)
+            logps = reuse.lookup(keys)  # NaN where not cached before
+            todo = np.flatnonzero(np.isnan(logps).any(axis=1))
+            if todo.size:
+                triples = [(prompts[i], chosen[i], rejected[i]) for i in todo]
+                logps[todo, 0], logps[todo, 1] = scorer.score_pairs(triples, on_tokens=progress.tokens)
+            _refuse_non_finite(logps, table["id"].to_pylist(), k, side)
+            part = pa.table({
+                "pair_index": table["pair_index"],
+                "logp_chosen": pa.array(logps[:, 0], pa.float64()), "logp_rejected": pa.array(logps[:, 1], pa.float64()),
+                "ntok_chosen": pa.array([len(c) for c in chosen], pa.int32()),
+                "ntok_rejected": pa.array([len(r) for r in rejected], pa.int32()),
+                "key_chosen": pa.array(keys[:, 0], pa.int64()), "key_rejected": pa.array(keys[:, 1], pa.int64()),
+            })
+            counts = {"scored": str(2 * int(todo.size)), "reused": str(2 * (len(prompts) - int(todo.size)))}
+            write_parquet_atomic(part, work_path(out, side.prefix, k), metadata=counts)
+            scored, reused = scored + 2 * int(todo.size), reused + 2 * (len(prompts) - int(todo.size))
+            tokens += sum(2 * len(prompts[i]) + len(chosen[i]) + len(rejected[i]) for i in todo)
+            progress.unit_done()
+            if stop.requested():
+                break  # the shard in flight is published; the rest waits for the re-run
+    finally:
+        progress.close()
+        scorer.close()
+    seconds = progress.seconds()
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "sequences_scored": scored, "sequences_reused": reused}
+
+
+def _refuse_non_finite(logps: np.ndarray, ids: list[str], k: int, side: Side) -> None:
+    bad = np.argwhere(~np.isfinite(logps))
+    if bad.size:
+        row, column = bad[0]
+        raise DadpoError(f"{side.flag} {side.name}: log-prob of the {'chosen' if column == 0 else 'rejected'} response "
+                         f"is {logps[row, column]} for pair id '{ids[row]}' ({len(bad)} non-finite in "
+                         f"shard {k}); the weights or the --dtype are broken for this input, and the shard was not "
+                         "cached")
+
+
+class ReuseIndex:
+    """Scores of earlier caches (--reuse-from) for one model, looked up by sequence key: a model
+    matches when its weights and how they ran (reuse_identity) are the same."""
+
+    def __init__(self, caches: list[str], record: dict):
+        keys, logps = [], []
+        want = reuse_identity(record)
+        for cache in caches:
+            manifest = read_manifest(Path(cache))
+            if manifest is None or manifest["schema_version"] < 2:
+                continue  # the caller refused these up front; schema 1 shards have no keys
+            for role, old in model_records(manifest).items():
+                if reuse_identity(old) != want:
+                    continue
+                prefix = REFERENCE if role == "reference" else "teacher" + role.removeprefix("teacher").replace(":", "_")
+                for entry in manifest["shards"]:
+                    part = pq.read_table(Path(cache) / shard_file(entry["index"], manifest["num_shards"]),
+                                         columns=[f"{prefix}_{kind}_{side}" for kind in ("key", "logp")
+                                                  for side in ("chosen", "rejected")])
+                    for side in ("chosen", "rejected"):
+                        keys.append(part[f"{prefix}_key_{side}"].to_numpy())
+                        logps.append(part[f"{prefix}_logp_{side}"].to_numpy())
+        self.keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        self.logps = np.concatenate(logps) if logps else np.zeros(0, np.float64)
+        order = np.argsort(self.keys, kind="stable")
+        self.keys, self.logps = self.keys[order], self.logps[order]
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Cached log-probs for an [n, 2] key array; NaN where a key is not cached."""
+        result = np.full(keys.shape, np.nan)
+        if self.keys.size:
+            where = np.searchsorted(self.keys, keys).clip(max=self.keys.size - 1)
+            found = self.keys[where] == keys
+            result[found] = self.logps[where[found]]
+        return result

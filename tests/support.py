@@ -1,0 +1,153 @@
+"""Plain helpers the tests share (fixtures live in conftest.py): running the CLI as a real
+subprocess, one-line error checks, the one log-prob oracle, and cache/run inspection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# One intra-op thread per process: on a loaded 2-core machine more threads only contend.
+ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def run_cli(*args, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `dadpo ARGS...` as a real subprocess (python -m dadpo.cli.main, the console script's target)."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(*args, env: dict | None = None) -> subprocess.Popen:
+    """`dadpo ARGS...` as a subprocess that keeps running (run_cli waits for it)."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], cwd=REPO, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_when(process: subprocess.Popen, ready, signal_number: int = 9, timeout: float = 180) -> bool:
+    """Send `signal_number` (default SIGKILL) to `process` as soon as ready() holds (polled every 5 ms).
+    True if it was signalled while still running, False if it had exited by itself first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            process.communicate()
+            return False
+        if ready():
+            process.send_signal(signal_number)
+            if signal_number == 9:
+                process.communicate()
+                return process.returncode == -9
+            return True
+        time.sleep(0.005)
+    process.kill()
+    raise AssertionError(f"the condition to signal at never came: {process.communicate()[1][-2000:]}")
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 180) -> bool:
+    """SIGKILL `process` as soon as ready() holds: no cleanup handlers run."""
+    return signal_when(process, ready, 9, timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Bad input: non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the oracle
+
+
+def naive_logprob(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """log p(response | prompt) from a plain full-vocabulary forward pass on one unpadded sequence:
+    the independent computation every log-prob in dadpo is checked against."""
+    ids = list(prompt_ids) + list(response_ids)
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return float(sum(logprobs[t - 1, ids[t]] for t in range(len(prompt_ids), len(ids))))
+
+
+# ---------------------------------------------------------------- caches
+
+
+def cache_args(pairs, models, out, *extra, reference: str = "student") -> list[str]:
+    """A cache-teacher command line (hf backend, shards of 4 pairs)."""
+    return ["cache-teacher", "--pairs", str(pairs), "--teacher", str(models["teacher"]),
+            "--reference", str(models[reference]), "--out", str(out), "--backend", "hf", "--shard-size", "4",
+            *map(str, extra)]
+
+
+def shard_rows(cache_dir: Path) -> pl.DataFrame:
+    files = sorted((Path(cache_dir) / "shards").glob("*.parquet"))
+    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+
+
+def leftovers(cache_dir: Path) -> list[str]:
+    """Temporary files and scratch that a finished cache must not hold."""
+    root = Path(cache_dir)
+    found = [str(p.relative_to(root)) for p in root.rglob("*.tmp")]
+    return found + [name + "/" for name in ("work", ".claims") if (root / name).exists()]
+
+
+def assert_same_cache(cache_dir: Path, clean_dir: Path) -> None:
+    """Same rows, same ids in the same order, the same values, the same manifest entries. A resumed
+    shard is computed exactly as the clean one (same batches, same process), so values match exactly."""
+    got, want = json.loads((cache_dir / "manifest.json").read_text()), json.loads((clean_dir / "manifest.json").read_text())
+    assert got["complete"] and got["totals"] == want["totals"]
+    assert got["shards"] == want["shards"]  # rows, pair ranges, dropped ids, sha256 of every file
+    rows, clean_rows = shard_rows(cache_dir), shard_rows(clean_dir)
+    assert rows["id"].n_unique() == rows.height  # no pair twice
+    assert rows.equals(clean_rows)
+    assert (cache_dir / "dropped_ids.txt").read_text() == (clean_dir / "dropped_ids.txt").read_text()
+    assert leftovers(cache_dir) == []
+
+
+def assert_nothing_complete(out: Path) -> None:
+    """After a refused run: no shard and no manifest that could pass for a finished cache."""
+    out = Path(out)
+    if not out.exists():
+        return
+    assert not list(out.rglob("shard-*.parquet")), sorted(out.rglob("*"))
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        assert json.loads(manifest.read_text())["complete"] is False
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def train_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = run_cli("train", *args, "--quiet", env={**ENV, **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(run: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / name).read_text().splitlines() if line.strip()]
+
+
+def assert_same_steps(got: list[dict], want: list[dict], keys=("loss", "margin", "reward_accuracy", "lr"),
+                      tolerance: float = 1e-6) -> None:
+    assert [s["step"] for s in got] == [s["step"] for s in want]
+    for a, b in zip(got, want):
+        for key in keys:
+            assert abs(a[key] - b[key]) <= tolerance * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])

