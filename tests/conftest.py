@@ -129,3 +129,46 @@ def pytest_terminal_summary(terminalreporter):
 def pytest_sessionfinish(session, exitstatus):
     if _skipped_vllm_tests and exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---------------------------------------------------------------- pairs files in every format
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_datasets(path: Path, rows: list[dict]) -> Path:
+    """A datasets.save_to_disk folder holding one Dataset."""
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def write_data_folder(path: Path, splits: dict[str, list[dict]]) -> Path:
+    """A folder of data files as the Hub lays them out (data/SPLIT-00000-of-00001.parquet), which
+    datasets.load_dataset reads offline."""
+    (path / "data").mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        write_parquet(path / "data" / f"{split}-00000-of-00001.parquet", rows)
+    return path
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch) -> Path:
+    """datasets.load_dataset keeps an arrow copy of what it reads: here, not in the user's cache."""
+    import datasets
+
+    folder = tmp_path / "hf_datasets_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+    return folder
