@@ -159,7 +159,8 @@ class _Walker:
             if prompts[index] is None:
                 raise DadpoError(f"{where}: 'prompt' is null")
             if self.pairs:
-                prompt, chosen, rejected = pair(prompts[index], chosens[index], rejecteds[index], where, self.prompt_format)
+                prompt, chosen, rejected = pair(prompts[index], chosens[index], rejecteds[index], where,
+                                                self.prompt_format)
                 fields, token_bytes = responses.row(index, where)
                 record = [canonical_json(prompt), chosen, rejected]
             else:
@@ -335,7 +336,8 @@ def _merge(parts: list[Path], schema: pa.Schema, extras: _Extras, final: Path) -
             arrays = [table.column(name) for name in schema.names] + \
                 [extras.column(table, name, kind) for name, kind in types.items()]
             if writer is None:  # the first part fixes the types of the arrow extras
-                full = pa.schema([*schema, *(pa.field(name, array.type) for name, array in zip(types, arrays[len(schema):]))])
+                extra_fields = [pa.field(name, array.type) for name, array in zip(types, arrays[len(schema):])]
+                full = pa.schema([*schema, *extra_fields])
                 writer = pq.ParquetWriter(tmp, full, compression="zstd")
             writer.write_table(pa.Table.from_arrays(arrays, schema=full))
         writer.close()

@@ -125,7 +125,8 @@ def _explicit(prompt, chosen, rejected) -> bool:
 def _from_conversations(prompt, chosen, rejected, where: str) -> tuple[list[dict], str, str]:
     """Whole conversations: the prompt is the messages before the last (assistant) turn, which the two
     must share; a `prompt` column, when there is one, must agree with them."""
-    for column, value, other, other_value in (("chosen", chosen, "rejected", rejected), ("rejected", rejected, "chosen", chosen)):
+    for column, value, other, other_value in (("chosen", chosen, "rejected", rejected),
+                                              ("rejected", rejected, "chosen", chosen)):
         _absent_or_null(value, column, where)
         if isinstance(value, list) and not isinstance(other_value, list):
             _absent_or_null(other_value, other, where)
@@ -260,7 +261,8 @@ class ChunkResponses:
             raise DadpoError(f"{where}: {self.bad[1]}")
         fields, data = {}, b""
         for side in SIDES:
-            ids_column, vocab_column, reason_column = (f"{side}_{name}" for name in ("token_ids", "token_ids_vocab", "finish_reason"))
+            ids_column, vocab_column, reason_column = (f"{side}_{name}" for name in
+                                                       ("token_ids", "token_ids_vocab", "finish_reason"))
             vocab, reason = self.arrays[vocab_column][index], self.arrays[reason_column][index]
             offsets, values, valid = self.ids[ids_column]
             if vocab is not None and not (isinstance(vocab, str) and vocab.strip()):

@@ -67,7 +67,8 @@ def _open(path: Path, source: str, split: str | None, chunk_rows: int) -> tuple[
             return "row", _table_chunks(_parquet_tables(path, source, chunk_rows))
         raise DadpoError(f"{source}: unsupported format; use .parquet, .jsonl or .json, a datasets.save_to_disk "
                          "folder, a folder of data files or a Hub dataset id")
-    if not path.exists() and (path.suffix.lower() in FILE_SUFFIXES or path.is_absolute() or source.startswith((".", "~"))):
+    looks_local = path.suffix.lower() in FILE_SUFFIXES or path.is_absolute() or source.startswith((".", "~"))
+    if not path.exists() and looks_local:  # anything else may be a Hub dataset id
         raise DadpoError(f"{source}: no such file")
     return "row", _table_chunks(_dataset_tables(path, source, split, chunk_rows))
 
