@@ -17,7 +17,6 @@ import difflib
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,23 +288,23 @@ def _load(path, split: str | None, prompt_format: str, workdir, chunk_rows: int,
     final = out_dir / ("pairs.parquet" if pairs else "prompts.parquet")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        parts_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}.parts.", dir=out_dir))
     except OSError as e:
         raise _cannot_write(out_dir, e) from None
-    walker, extras, parts = _Walker(source, unit, pairs, prompt_format), _Extras(), []
+    # The parts are temporary files beside the result (dadpo.atomic names), so a killed run's are swept.
+    walker, extras, parts, part_files = _Walker(source, unit, pairs, prompt_format), _Extras(), [], []
     try:
         for chunk in chunks:
             if not chunk.positions:
                 continue
             if not parts:
                 _check_columns(chunk.names, source, pairs)
-            part = parts_dir / f"{len(parts):06d}.parquet"
             table = extras.add(walker.chunk(chunk), chunk)
+            part_files.append(temp_path(final.with_name(f"{final.name}.part{len(parts):06d}")))
             try:
-                pq.write_table(table, part, compression="lz4")
+                pq.write_table(table, part_files[-1], compression="lz4")
             except OSError as e:
-                raise _cannot_write(part, e) from None
-            parts.append((part, table.num_rows))
+                raise _cannot_write(part_files[-1], e) from None
+            parts.append((part_files[-1], table.num_rows))
         if not parts:
             raise DadpoError(f"{source}: has no rows")
         starts = np.cumsum([0] + [rows for _, rows in parts])
@@ -321,7 +320,8 @@ def _load(path, split: str | None, prompt_format: str, workdir, chunk_rows: int,
             folder.cleanup()
         raise
     finally:
-        shutil.rmtree(parts_dir, ignore_errors=True)
+        for part in part_files:
+            part.unlink(missing_ok=True)
     return {"source": source, "file": final, "num_rows": int(starts[-1]), "extra_columns": extra_columns,
             "fingerprint": walker.fingerprint.hexdigest(), "prompt_format": prompt_format, "_folder": folder}
 

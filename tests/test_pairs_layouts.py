@@ -17,7 +17,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, write_data_folder, write_datasets, write_json, write_jsonl, write_parquet
+from conftest import REPO, kill_when, write_data_folder, write_datasets, write_json, write_jsonl, write_parquet
+from dadpo.atomic import sweep_temp_files
 from dadpo.errors import DadpoError
 from dadpo.pairs import (RESPONSE_COLUMNS, Response, decode_prompt, load_pairs, load_prompts,
                          pair_responses)
@@ -369,6 +370,17 @@ def test_the_normalised_file_goes_to_workdir_whole_or_not_at_all(tmp_path):
     bad[7]["chosen"] = ""
     raises(write_jsonl(tmp_path / "bad.jsonl", bad), "line 8 (id 'r7'): 'chosen' is empty", workdir=failed, chunk_rows=2)
     assert os.listdir(failed) == []
+
+
+def test_a_killed_load_leaves_only_temporary_files_that_are_swept(tmp_path):
+    source, work = write_jsonl(tmp_path / "p.jsonl", many_rows(4000)), tmp_path / "work"
+    code = f"from dadpo.pairs import load_pairs\nload_pairs({str(source)!r}, workdir={str(work)!r}, chunk_rows=50)\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert kill_when(process, lambda: len(list(work.glob(".pairs.parquet.part*.tmp"))) >= 3)
+    assert not (work / "pairs.parquet").exists()
+    assert sweep_temp_files(work) >= 3 and os.listdir(work) == []
+    assert len(load_pairs(source, workdir=work, chunk_rows=50)) == 4000 and os.listdir(work) == ["pairs.parquet"]
 
 
 def test_without_workdir_the_file_lives_as_long_as_the_object(tmp_path):
