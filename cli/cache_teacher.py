@@ -31,7 +31,12 @@ def cache_teacher_command(**flags):
     """
     from dadpo.cache import cache_teacher
 
-    summary = cache_teacher(build_config(CacheTeacherConfig, flags))
+    cfg = build_config(CacheTeacherConfig, flags)
+    summary = cache_teacher(cfg)
+    if cfg.plan_only:
+        click.echo(f"cache {summary.path}: planned {summary.planned} shard(s) in {summary.plan_seconds:.1f} s: every "
+                   "pending pair tokenizes under every model; no model was loaded (run without --plan-only to score)")
+        return
     state = "complete" if summary.complete else f"{summary.shards_done} of {summary.num_shards} shards done"
     dropped = f" (ids in {summary.path}/dropped_ids.txt)" if summary.dropped else ""
     click.echo(f"cache {summary.path}: {summary.rows} pairs cached, {summary.dropped} dropped by the length rule"

@@ -1,12 +1,14 @@
-"""Load and validate the pairs input (spec "pairs v1").
+"""Load and validate preference pairs and prompts (spec "pairs v2": data_specs/pairs.v2.md).
 
-A pairs file holds TRL-style preference pairs: `prompt` (a string or a list of {role, content}
-messages), `chosen` (the teacher's response) and `rejected` (the student's), each response a string
-or a one-message assistant list; an optional `id`; any other columns travel through unchanged.
-Formats: .parquet, .jsonl, .json (a top-level list of objects), or a datasets save_to_disk folder.
+Every TRL preference layout is read as TRL reads it: an explicit `prompt` with `chosen`/`rejected`
+responses; whole conversations in `chosen`/`rejected` (the prompt is the messages they share before
+the last assistant turn); TRL's implicit-prompt strings (the prompt is their longest common prefix).
 
-Every problem raises DadpoError with one line naming the file, the row (JSONL: the 1-based line;
-otherwise the 0-based row index; plus the id when known) and the column.
+    source --chunks of CHUNK_ROWS--> rules, ids, fingerprint --parts--> one normalised Parquet file
+
+Rows stream in chunks, so memory stays bounded whatever the size of the input (a .json array is the
+exception: it is read whole). Every problem raises DadpoError with one line naming the file, the row
+(JSONL: the 1-based line; otherwise the 0-based row index; plus the id when given) and the column.
 """
 
 from __future__ import annotations
@@ -15,346 +17,330 @@ import difflib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from dadpo.atomic import temp_path, write_atomic, write_error
 from dadpo.errors import DadpoError
-from dadpo.specs import load_spec
+from dadpo.pairs_rows import (REQUIRED_COLUMNS, RESPONSE_COLUMNS, SIDES, TOKEN_IDS, ChunkResponses, normalize_id, pair,
+                              prompt_only)
+from dadpo.pairs_sources import ABSENT, Chunk, open_source
 
-# The format's rules come from its versioned spec (data_specs/pairs.v1.schema.json).
-_SPEC = load_spec("pairs.v1.schema.json")
-REQUIRED_COLUMNS = tuple(_SPEC["required"])
-ALLOWED_ROLES = tuple(_SPEC["$defs"]["message"]["properties"]["role"]["enum"])
-_ABSENT = object()  # a JSON row without the key, told apart from an explicit null
-_decode = json.JSONDecoder().decode
-_canonical_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-@dataclass
-class Pairs:
-    source: str  # the path as given
-    frame: pl.DataFrame  # id, prompt (canonical messages JSON), chosen, rejected, then the extras
-    extra_columns: list[str]
-    fingerprint: str  # sha256 over the normalized (id, prompt, chosen, rejected) of every row, in order
-
-    def __len__(self) -> int:
-        return self.frame.height
-
-
-def prompt_messages(prompt_json: str) -> list[dict]:
-    """Decode the canonical `prompt` column back to [{"role", "content"}, ...]."""
-    return json.loads(prompt_json)
-
-
-def _type_name(value) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-# ---- reading: every format becomes column name -> python values, one per row ------------------
-
-
-@dataclass
-class _Columns:
-    names: list[str]  # in file order
-    values: dict[str, list]  # the columns we validate (JSON: all of them)
-    num_rows: int
-    line_numbers: list[int] | None  # JSONL: the line each row came from
-    arrow: pa.Table | None  # Parquet/datasets: extra columns keep their arrow types
-
-
-def _object_rows(rows: list, line_numbers: list[int] | None, source: str) -> _Columns:
-    names: dict[str, None] = {}  # ordered union of the keys
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            where = f"line {line_numbers[index]}" if line_numbers else f"row {index}"
-            raise DadpoError(f"{source} {where}: expected a JSON object, got {_type_name(row)}")
-        names.update(dict.fromkeys(row))
-    values = {name: [row.get(name, _ABSENT) for row in rows] for name in names}
-    return _Columns(list(names), values, len(rows), line_numbers, None)
-
-
-def _utf8_error(source: str, line: int, data: bytes, error: UnicodeDecodeError) -> DadpoError:
-    byte = data[error.start]
-    return DadpoError(f"{source} line {line}: not valid UTF-8 (byte 0x{byte:02x} at offset {error.start})")
-
-
-def _read_jsonl(path: Path, source: str) -> _Columns:
-    rows, line_numbers = [], []
-    with open(path, "rb") as f:  # binary: we decode each line ourselves to report bad UTF-8 by line
-        for line_number, raw in enumerate(f, 1):
-            if line_number == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not content
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _utf8_error(source, line_number, raw, e) from None
-            if not text.strip():
-                continue  # blank lines (a trailing newline, say) are not rows
-            try:
-                rows.append(_decode(text))
-            except json.JSONDecodeError as e:
-                # The usual cause is a writer killed mid-line: say so when it is the last line.
-                hint = "" if any(rest.strip() for rest in f) else "; the last line looks truncated"
-                raise DadpoError(
-                    f"{source} line {line_number}: not valid JSON ({e.msg}: col {e.colno}){hint}"
-                ) from None
-            line_numbers.append(line_number)
-    if not rows and path.stat().st_size == 0:
-        raise DadpoError(f"{source}: the file is empty")
-    return _object_rows(rows, line_numbers, source)
-
-
-def _read_json(path: Path, source: str) -> _Columns:
-    data = path.read_bytes()
-    if not data.strip():
-        raise DadpoError(f"{source}: the file is empty")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise _utf8_error(source, data.count(b"\n", 0, e.start) + 1, data, e) from None
-    try:
-        rows = _decode(text)
-    except json.JSONDecodeError as e:
-        hint = "; if it is JSON Lines, name it .jsonl" if e.msg == "Extra data" else ""
-        raise DadpoError(f"{source} line {e.lineno}: not valid JSON ({e.msg}: col {e.colno}){hint}") from None
-    if not isinstance(rows, list):
-        raise DadpoError(f"{source}: expected a top-level list of objects, got {_type_name(rows)}")
-    return _object_rows(rows, None, source)
-
-
-def _arrow_columns(table: pa.Table) -> _Columns:
-    # Only the columns we validate become python objects; the extras stay arrow.
-    wanted = [name for name in table.column_names if name in REQUIRED_COLUMNS or name == "id"]
-    values = {name: table.column(name).to_pylist() for name in wanted}
-    return _Columns(table.column_names, values, table.num_rows, None, table)
-
-
-def _read_parquet(path: Path, source: str) -> _Columns:
-    import pyarrow.parquet as pq
-
-    if path.stat().st_size == 0:
-        raise DadpoError(f"{source}: the file is empty")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        detail = " ".join(str(e).split())  # arrow's text can span lines; ours is one
-        raise DadpoError(f"{source}: not a readable Parquet file ({detail})") from None
-    return _arrow_columns(table)
-
-
-def _read_datasets_folder(path: Path, source: str) -> _Columns:
-    import datasets  # slow to import; only this format needs it
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as e:  # a damaged folder fails in many ways
-        detail = " ".join(str(e).split())
-        raise DadpoError(f"{source}: could not load the datasets folder ({type(e).__name__}: {detail})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise DadpoError(
-                f"{source}: a DatasetDict with splits {', '.join(loaded)} and no 'train' split; "
-                "save a single Dataset, or the pairs as the 'train' split"
-            )
-        loaded = loaded["train"]
-    return _arrow_columns(loaded.with_format("arrow")[:])
-
-
-def _read(path: Path, source: str) -> _Columns:
-    if not path.exists():
-        raise DadpoError(f"{source}: no such file")
-    if path.is_dir():
-        if any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            return _read_datasets_folder(path, source)
-        raise DadpoError(
-            f"{source}: a folder, but not a datasets.save_to_disk folder (no dataset_info.json or state.json)"
-        )
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}.get(path.suffix.lower())
-    if reader is None:
-        raise DadpoError(f"{source}: unsupported format; use .parquet, .jsonl, .json or a datasets.save_to_disk folder")
-    return reader(path, source)
-
-
-# ---- validation and normalization -------------------------------------------------------------
-
-
-def _check_columns(columns: _Columns, source: str) -> None:
-    missing = [name for name in REQUIRED_COLUMNS if name not in columns.names]
-    if not missing:
-        return
-    others = [name for name in columns.names if name not in REQUIRED_COLUMNS]
-    guesses = [
-        f"'{close[0]}' for '{name}'"
-        for name in missing
-        if (close := difflib.get_close_matches(name, others, n=1))
-    ]
-    guess = f"; did you mean {', '.join(guesses)}?" if guesses else ""
-    raise DadpoError(
-        f"{source}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
-        f"(found: {', '.join(columns.names) or 'none'}){guess}; expected prompt, chosen, rejected [, id]"
-    )
-
-
-def _absent_or_null(value, column: str, where: str) -> None:
-    if value is _ABSENT or value is None:
-        raise DadpoError(f"{where}: {column!r} is {'missing' if value is _ABSENT else 'null'}")
-
-
-def _normalize_prompt(value, where: str) -> list[dict]:
-    _absent_or_null(value, "prompt", where)
-    if isinstance(value, str):
-        value = [{"role": "user", "content": value}]
-    elif not isinstance(value, list):
-        raise DadpoError(
-            f"{where}: 'prompt' must be a string or a list of {{role, content}} messages, got {_type_name(value)}"
-        )
-    messages = []
-    for index, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise DadpoError(
-                f"{where}: 'prompt' message {index} must be a {{role, content}} object, got {_type_name(message)}"
-            )
-        role, content = message.get("role"), message.get("content")
-        if role not in ALLOWED_ROLES:
-            problem = "no role" if role is None else f"unknown role {role!r}"
-            raise DadpoError(f"{where}: 'prompt' message {index} has {problem} (allowed: {', '.join(ALLOWED_ROLES)})")
-        if not isinstance(content, str):
-            raise DadpoError(f"{where}: 'prompt' message {index} 'content' must be a string, got {_type_name(content)}")
-        messages.append({"role": role, "content": content})
-    # An assistant turn may be empty; a prompt with nothing to say may not.
-    if not any(message["content"].strip() for message in messages):
-        raise DadpoError(f"{where}: 'prompt' is empty")
-    return messages
-
-
-def _normalize_response(value, column: str, where: str) -> str:
-    _absent_or_null(value, column, where)
-    expected = f"{where}: {column!r} must be a string or a one-message assistant list"
-    if isinstance(value, list):
-        if len(value) != 1 or not isinstance(value[0], dict):
-            got = f"a list of {len(value)} messages" if len(value) != 1 else f"a list holding {_type_name(value[0])}"
-            raise DadpoError(f"{expected}, got {got}")
-        role, value = value[0].get("role"), value[0].get("content")
-        if role != "assistant":
-            raise DadpoError(f"{where}: {column!r} message has role {role!r}; expected 'assistant'")
-        if not isinstance(value, str):
-            raise DadpoError(f"{where}: {column!r} message 'content' must be a string, got {_type_name(value)}")
-    elif not isinstance(value, str):
-        raise DadpoError(f"{expected}, got {_type_name(value)}")
-    if not value.strip():
-        raise DadpoError(f"{where}: {column!r} is empty")
-    return value
-
-
-def _normalize_id(value, where: str) -> str:
-    if value is _ABSENT or value is None:
-        state = "missing" if value is _ABSENT else "null"
-        raise DadpoError(f"{where}: 'id' is {state} (give every row an id, or drop the column)")
-    if isinstance(value, int) and not isinstance(value, bool):  # True as an id is surely a mistake
-        return str(value)
-    if not isinstance(value, str):
-        raise DadpoError(f"{where}: 'id' must be a string or an integer, got {_type_name(value)}")
-    if not value.strip():
-        raise DadpoError(f"{where}: 'id' is empty")
-    return value
-
-
-def _extra_series(name: str, columns: _Columns) -> pl.Series:
-    if columns.arrow is not None:
-        try:
-            return pl.from_arrow(columns.arrow.column(name)).alias(name)
-        except Exception:  # an arrow type polars lacks: go through python values
-            values = columns.arrow.column(name).to_pylist()
-    else:
-        values = [None if value is _ABSENT else value for value in columns.values[name]]
-    try:
-        # pyarrow infers over every value; polars guesses from the first ones and can drop struct fields.
-        return pl.from_arrow(pa.array(values)).alias(name)
-    except Exception:  # mixed types that no one column type holds: keep them as JSON text
-        return pl.Series(name, [None if v is None else _canonical_json(v) for v in values], dtype=pl.Utf8)
-
-
-# ---- the whole file ---------------------------------------------------------------------------
-
-
-def load_pairs(path: str | os.PathLike) -> Pairs:
-    source = os.fspath(path)
-    columns = _read(Path(source), source)
-    if columns.num_rows == 0:
-        raise DadpoError(f"{source}: has no rows")
-    _check_columns(columns, source)
-    prompts, chosens, rejecteds = (columns.values[name] for name in REQUIRED_COLUMNS)
-    given_ids, line_numbers = columns.values.get("id"), columns.line_numbers
-    unit = "line" if line_numbers else "row"
-
-    ids, prompt_jsons, chosen_out, rejected_out = [], [], [], []
-    first_seen: dict[str, int] = {}
-    fingerprint = hashlib.sha256()
-    for index in range(columns.num_rows):
-        position = line_numbers[index] if line_numbers else index
-        where = f"{source} {unit} {position}"
-        row_id = None
-        if given_ids is not None:
-            row_id = _normalize_id(given_ids[index], where)
-            where = f"{where} (id {row_id!r})"
-        messages = _normalize_prompt(prompts[index], where)
-        chosen = _normalize_response(chosens[index], "chosen", where)
-        rejected = _normalize_response(rejecteds[index], "rejected", where)
-        prompt_json = _canonical_json(messages)
-        if row_id is None:  # same content, same id, whatever the format or the run
-            content = _canonical_json([messages, chosen, rejected]).encode("utf-8")
-            row_id = hashlib.sha256(content).hexdigest()[:16]
-        if row_id in first_seen:
-            same = " (identical prompt, chosen and rejected)" if given_ids is None else ""
-            raise DadpoError(f"{source}: duplicate id {row_id!r} ({unit}s {first_seen[row_id]} and {position}){same}")
-        first_seen[row_id] = position
-        # One JSON array per row keeps the field boundaries unambiguous.
-        fingerprint.update(_canonical_json([row_id, prompt_json, chosen, rejected]).encode("utf-8") + b"\n")
-        ids.append(row_id)
-        prompt_jsons.append(prompt_json)
-        chosen_out.append(chosen)
-        rejected_out.append(rejected)
-
-    extra_columns = [name for name in columns.names if name not in REQUIRED_COLUMNS and name != "id"]
-    frame = pl.DataFrame(
-        [
-            pl.Series("id", ids, dtype=pl.Utf8),
-            pl.Series("prompt", prompt_jsons, dtype=pl.Utf8),
-            pl.Series("chosen", chosen_out, dtype=pl.Utf8),
-            pl.Series("rejected", rejected_out, dtype=pl.Utf8),
-            *(_extra_series(name, columns) for name in extra_columns),
-        ]
-    )
-    return Pairs(source, frame, extra_columns, fingerprint.hexdigest())
-
-
-# ---- pairs v2 response columns (interim; the full v2 loader replaces this module) ----------------
-
-PROMPT_FORMATS = ("chat", "raw")
-RESPONSE_FIELDS = ("token_ids", "token_ids_vocab", "finish_reason")
+CHUNK_ROWS = 4096  # rows read, checked and written at a time: one row group of the normalised file
+PROMPT_FORMATS = ("chat", "raw")  # how a string prompt is read: a user turn, or text ready for the model
+canonical_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_PAIRS_SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "prompt", *SIDES)] + [
+    (name, TOKEN_IDS if name.endswith("_token_ids") else pa.string()) for name in RESPONSE_COLUMNS])
+_PROMPTS_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string())])
+_SPEC_COLUMNS = ("id", "prompt", *SIDES, *RESPONSE_COLUMNS)  # never extras (prompts drop the responses)
 
 
 @dataclass(frozen=True)
 class Response:
-    """One response of a pair: its text and, when `dadpo generate` sampled it, the sampled ids."""
-
     text: str
-    token_ids: tuple[int, ...] | None = None  # as sampled, the stop token included
-    token_ids_vocab: str | None = None  # names the vocabulary of token_ids
-    finish_reason: str = "stop"  # "length": cut at the length limit, so no end of turn
+    token_ids: tuple[int, ...] | None = None  # the ids the model sampled, its stop token included
+    token_ids_vocab: str | None = None  # digest naming the vocabulary of token_ids
+    finish_reason: str = "stop"  # "length": cut at the generation limit
 
 
 def pair_responses(row: dict) -> tuple[Response, Response]:
+    """The chosen and rejected Response of a normalised row (a dict, as polars iter_rows(named=True) gives)."""
     def response(side: str) -> Response:
         ids = row.get(f"{side}_token_ids")
-        return Response(row[side], tuple(ids) if ids is not None else None, row.get(f"{side}_token_ids_vocab"),
+        return Response(row[side], None if ids is None else tuple(ids), row.get(f"{side}_token_ids_vocab"),
                         row.get(f"{side}_finish_reason") or "stop")
 
     return response("chosen"), response("rejected")
 
 
+@dataclass
+class NormalizedFile:
+    source: str  # the path or dataset id as given
+    file: Path  # the normalised Parquet file, one row group per chunk
+    num_rows: int
+    extra_columns: list[str]
+    fingerprint: str  # sha256 over the normalised rows, in order (data_specs/pairs.v2.md)
+    prompt_format: str
+    _folder: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)  # removed with us
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def read(self, columns: list[str] | None = None) -> pl.DataFrame:
+        return pl.read_parquet(self.file, columns=columns)
+
+    def slice(self, offset: int, length: int, columns: list[str] | None = None) -> pl.DataFrame:
+        """Rows [offset, offset + length), reading only the row groups that hold them."""
+        with pq.ParquetFile(self.file) as parquet:
+            groups, first_row, start = [], 0, 0
+            for index in range(parquet.num_row_groups):
+                rows = parquet.metadata.row_group(index).num_rows
+                if start < offset + length and start + rows > offset:
+                    first_row = first_row if groups else start
+                    groups.append(index)
+                start += rows
+            table = parquet.read_row_groups(groups, columns=columns) if groups else \
+                parquet.schema_arrow.empty_table().select(columns or parquet.schema_arrow.names)
+        return pl.from_arrow(table).slice(offset - first_row, length) if groups else pl.from_arrow(table)
+
+
+class Pairs(NormalizedFile):
+    """Columns: id, prompt (canonical JSON), chosen, rejected, the six response columns, the extras."""
+
+
+class Prompts(NormalizedFile):
+    """Columns: id, prompt (canonical JSON), the extras."""
+
+
 def decode_prompt(prompt_json: str) -> list[dict] | str:
+    """The normalised `prompt` column back to messages ([{"role", "content"}, ...]) or raw text."""
     return json.loads(prompt_json)
+
+
+prompt_messages = decode_prompt  # the older name, until every caller says decode_prompt
+
+
+def load_pairs(path: str | os.PathLike, *, split: str | None = None, prompt_format: str = "chat",
+               workdir: str | os.PathLike | None = None, chunk_rows: int | None = None) -> Pairs:
+    """Read, check and normalise a pairs file, folder or dataset into workdir/pairs.parquet
+    (workdir None: a temporary folder that lives as long as the returned object)."""
+    return Pairs(**_load(path, split, prompt_format, workdir, chunk_rows or CHUNK_ROWS, pairs=True))
+
+
+def load_prompts(path: str | os.PathLike, *, split: str | None = None, prompt_format: str = "chat",
+                 workdir: str | os.PathLike | None = None, chunk_rows: int | None = None) -> Prompts:
+    """The prompts of a prompts or pairs source, into workdir/prompts.parquet: a `prompt` column (or the
+    prompts a conversation or implicit layout implies), an optional `id`; the responses are dropped."""
+    return Prompts(**_load(path, split, prompt_format, workdir, chunk_rows or CHUNK_ROWS, pairs=False))
+
+
+# ---- the walk over a source ---------------------------------------------------------------------
+
+
+class _Walker:
+    """Checks and normalises the rows of one source, chunk by chunk and in order (one code path for
+    pairs and prompts); keeps the fingerprint and a 64-bit hash of every id to find duplicates."""
+
+    def __init__(self, source: str, unit: str, pairs: bool, prompt_format: str):
+        self.source, self.unit, self.pairs, self.prompt_format = source, unit, pairs, prompt_format
+        self.schema = _PAIRS_SCHEMA if pairs else _PROMPTS_SCHEMA
+        self.fingerprint = hashlib.sha256()
+        self.first_row: dict[str, tuple[bool, int]] = {}  # key -> (in the first row?, that row's position)
+        self.hashes, self.positions = [], []
+
+    def _like_first_row(self, key: str, value, position: int, where: str) -> None:
+        """JSON rows may leave keys out: the first row decides whether `id` and `prompt` are given."""
+        present = value is not ABSENT
+        expected, first = self.first_row.setdefault(key, (present, position))
+        if present != expected:
+            if not present:
+                hint = " (give every row an id, or drop the column)" if key == "id" else ""
+                raise DadpoError(f"{where}: {key!r} is missing{hint}")
+            raise DadpoError(f"{where}: has {key!r} but {self.unit} {first} has none (give every row {key!r}, or none)")
+
+    def chunk(self, chunk: Chunk) -> pa.Table:
+        given_ids, prompts, chosens, rejecteds = (chunk.values(name) for name in ("id", "prompt", *SIDES))
+        responses = ChunkResponses(chunk) if self.pairs else None
+        columns = [[] for _ in range(4 if self.pairs else 2)]
+        hashes = np.empty(len(chunk.positions), np.uint64)
+        for index, position in enumerate(chunk.positions):
+            where = f"{self.source} {self.unit} {position}"
+            self._like_first_row("id", given_ids[index], position, where)
+            row_id = None if given_ids[index] is ABSENT else normalize_id(given_ids[index], where)
+            where = where if row_id is None else f"{where} (id {row_id!r})"
+            self._like_first_row("prompt", prompts[index], position, where)
+            if prompts[index] is None:
+                raise DadpoError(f"{where}: 'prompt' is null")
+            if self.pairs:
+                prompt, chosen, rejected = pair(prompts[index], chosens[index], rejecteds[index], where,
+                                                self.prompt_format)
+                fields, token_bytes = responses.row(index, where)
+                record = [canonical_json(prompt), chosen, rejected]
+            else:
+                prompt = prompt_only(prompts[index], chosens[index], rejecteds[index], where, self.prompt_format)
+                fields, token_bytes, record = {}, b"", [canonical_json(prompt)]
+            if row_id is None:  # same content, same id, whatever the format or the run
+                content = canonical_json([prompt, chosen, rejected]) if self.pairs else record[0]
+                row_id = hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
+            # One JSON array per row keeps the field boundaries unambiguous; it holds the token-id
+            # counts, so the raw ids after it are unambiguous too.
+            line = [row_id, *record, fields] if fields else [row_id, *record]
+            self.fingerprint.update(canonical_json(line).encode("utf-8") + b"\n" + token_bytes)
+            hashes[index] = int.from_bytes(hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest(), "little")
+            for values, value in zip(columns, [row_id, *record]):
+                values.append(value)
+        self.hashes.append(hashes)
+        self.positions.append(np.asarray(chunk.positions, dtype=np.int64))
+        arrays = [pa.array(values, pa.string()) for values in columns] + (responses.columns() if self.pairs else [])
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def check_duplicates(self, id_at) -> None:
+        """Refuse the first row (in order) whose id an earlier row has; `id_at(index)` reads an id back,
+        so equal hashes are confirmed on the ids themselves."""
+        hashes, positions = np.concatenate(self.hashes), np.concatenate(self.positions)
+        order = np.argsort(hashes, kind="stable")
+        repeats = np.sort(order[1:][hashes[order][1:] == hashes[order][:-1]])
+        for later in repeats.tolist():
+            for earlier in np.flatnonzero(hashes[:later] == hashes[later]).tolist():
+                row_id = id_at(later)
+                if id_at(earlier) == row_id:
+                    same = "" if self.first_row["id"][0] else \
+                        " (identical prompt, chosen and rejected)" if self.pairs else \
+                        " (the same prompt twice; give the rows ids to keep both)"
+                    raise DadpoError(f"{self.source}: duplicate id {row_id!r} "
+                                     f"({self.unit}s {positions[earlier]} and {positions[later]}){same}")
+
+
+class _Extras:
+    """The columns beyond the spec's, in order of first appearance. Arrow sources keep their types;
+    JSON values go into the parts as canonical JSON text, their type inferred per chunk and unified at
+    the end (a column that no one type holds stays JSON text)."""
+
+    def __init__(self):
+        self.kinds: dict[str, list] = {}  # name -> the type of each chunk's values (None: no one type)
+        self.typed = False
+
+    def add(self, table: pa.Table, chunk: Chunk) -> pa.Table:
+        self.typed = chunk.table is not None
+        for name in chunk.names:
+            if name in _SPEC_COLUMNS:
+                continue
+            if self.typed:
+                array, kind = chunk.table.column(name), None
+            else:
+                values = [None if value is ABSENT else value for value in chunk.values(name)]
+                try:  # pyarrow infers over every value (polars guesses from the first ones)
+                    kind = pa.array(values).type
+                except (pa.ArrowException, OverflowError, TypeError, ValueError):
+                    kind = None
+                array = pa.array([None if value is None else canonical_json(value) for value in values], pa.string())
+            self.kinds.setdefault(name, []).append(kind)
+            table = table.append_column(name, array)
+        return table
+
+    def final_types(self) -> dict[str, pa.DataType | None]:
+        """name -> the type its JSON text becomes; None: the column stays as the parts hold it."""
+        types = {}
+        for name, kinds in self.kinds.items():
+            types[name] = None
+            if not self.typed and None not in kinds:
+                try:
+                    schemas = [pa.schema([(name, kind)]) for kind in kinds]
+                    types[name] = pa.unify_schemas(schemas, promote_options="permissive").field(name).type
+                except pa.ArrowException:
+                    pass
+        return types
+
+    @staticmethod
+    def column(part: pa.Table, name: str, kind: pa.DataType | None):
+        if name not in part.column_names:  # a JSON key that first appeared in a later chunk
+            return pa.nulls(part.num_rows, kind or pa.string())
+        if kind is None:
+            return part.column(name)
+        return pa.array([None if text is None else json.loads(text) for text in part.column(name).to_pylist()], kind)
+
+
+# ---- the whole source ---------------------------------------------------------------------------
+
+
+def _check_columns(names: list[str], source: str, pairs: bool) -> None:
+    if pairs:
+        missing = [name for name in REQUIRED_COLUMNS if name not in names]
+        expected = "chosen, rejected [, prompt, id]"
+    else:
+        missing = [] if "prompt" in names or all(side in names for side in SIDES) else ["prompt"]
+        expected = "prompt [, id], or chosen and rejected to take the prompts from"
+    others = [name for name in names if name not in _SPEC_COLUMNS]
+    # A misspelt prompt column would pass as an extra column, and the prompt be taken from the responses.
+    if "prompt" not in names and "prompt" not in missing and \
+            difflib.get_close_matches("prompt", [name.lower() for name in others], n=1, cutoff=0.85):
+        missing.insert(0, "prompt")
+    if not missing:
+        return
+    lowered = {name.lower(): name for name in others}
+    guesses = [f"'{lowered.get(close[0], close[0])}' for '{name}'" for name in missing
+               if (close := difflib.get_close_matches(name, others, n=1) or
+                   difflib.get_close_matches(name, list(lowered), n=1, cutoff=0.85))]
+    guess = f"; did you mean {', '.join(guesses)}?" if guesses else ""
+    raise DadpoError(f"{source}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                     f"(found: {', '.join(names) or 'none'}){guess}; expected {expected}")
+
+
+def _load(path, split: str | None, prompt_format: str, workdir, chunk_rows: int, pairs: bool) -> dict:
+    source = os.fspath(path)
+    if prompt_format not in PROMPT_FORMATS:
+        raise DadpoError(f"prompt format {prompt_format!r}: expected {' or '.join(PROMPT_FORMATS)}")
+    if chunk_rows < 1:
+        raise DadpoError(f"chunk_rows {chunk_rows}: must be at least 1")
+    unit, chunks = open_source(source, split, chunk_rows)
+    folder = tempfile.TemporaryDirectory(prefix="dadpo-pairs-") if workdir is None else None
+    out_dir = Path(folder.name if folder else workdir)
+    final = out_dir / ("pairs.parquet" if pairs else "prompts.parquet")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out_dir, e) from None
+    # The parts are temporary files beside the result (dadpo.atomic names), so a killed run's are swept.
+    walker, extras, parts, part_files = _Walker(source, unit, pairs, prompt_format), _Extras(), [], []
+    try:
+        for chunk in chunks:
+            if not chunk.positions:
+                continue
+            if not parts:
+                _check_columns(chunk.names, source, pairs)
+            table = extras.add(walker.chunk(chunk), chunk)
+            part_files.append(temp_path(final.with_name(f"{final.name}.part{len(parts):06d}")))
+            try:
+                pq.write_table(table, part_files[-1], compression="lz4")
+            except OSError as e:
+                raise write_error(part_files[-1], e) from None
+            parts.append((part_files[-1], table.num_rows))
+        if not parts:
+            raise DadpoError(f"{source}: has no rows")
+        starts = np.cumsum([0] + [rows for _, rows in parts])
+
+        def id_at(index: int) -> str:
+            k = int(np.searchsorted(starts, index, side="right")) - 1
+            return pq.read_table(parts[k][0], columns=["id"]).column(0)[index - int(starts[k])].as_py()
+
+        walker.check_duplicates(id_at)
+        extra_columns = _merge([part for part, _ in parts], walker.schema, extras, final)
+    except BaseException:
+        if folder is not None:
+            folder.cleanup()
+        raise
+    finally:
+        for part in part_files:
+            part.unlink(missing_ok=True)
+    return {"source": source, "file": final, "num_rows": int(starts[-1]), "extra_columns": extra_columns,
+            "fingerprint": walker.fingerprint.hexdigest(), "prompt_format": prompt_format, "_folder": folder}
+
+
+def _merge(parts: list[Path], schema: pa.Schema, extras: _Extras, final: Path) -> list[str]:
+    """The parts, extras in their final types, into `final` (written whole: dadpo.atomic)."""
+    types = extras.final_types()
+
+    def write(tmp: Path) -> None:
+        writer = None
+        try:
+            for part in parts:
+                table = pq.read_table(part)
+                arrays = [table.column(name) for name in schema.names] + \
+                    [extras.column(table, name, kind) for name, kind in types.items()]
+                if writer is None:  # the first part fixes the types of the arrow extras
+                    extra_fields = [pa.field(name, array.type) for name, array in zip(types, arrays[len(schema):])]
+                    full = pa.schema([*schema, *extra_fields])
+                    writer = pq.ParquetWriter(tmp, full, compression="zstd")
+                writer.write_table(pa.Table.from_arrays(arrays, schema=full))
+        finally:
+            if writer is not None and writer.is_open:
+                writer.close()
+
+    write_atomic(final, write)
+    return list(types)

@@ -1,29 +1,16 @@
 """Load the versioned file-format schemas in data_specs/ (installed as dadpo.data_specs) and
-check records against them.
-
-The validator covers the JSON Schema subset the specs use (type, required, properties,
-additionalProperties, items, enum, minimum, pattern, local $ref), which keeps dadpo free of another
-dependency while the specs stay plain JSON Schema any tool can read.
+check records against them with the jsonschema library (the schemas declare their draft).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
 from importlib import resources
 
-from dadpo.errors import DadpoError
+import jsonschema
 
-_TYPES = {
-    "object": dict,
-    "array": list,
-    "string": str,
-    "integer": int,
-    "number": (int, float),
-    "boolean": bool,
-    "null": type(None),
-}
+from dadpo.errors import DadpoError
 
 
 @lru_cache(maxsize=None)
@@ -31,45 +18,41 @@ def load_spec(name: str) -> dict:
     return json.loads(resources.files("dadpo.data_specs").joinpath(name).read_text(encoding="utf-8"))
 
 
-def schema_errors(value, schema: dict, path: str = "$", root: dict | None = None) -> list[str]:
-    """Every way `value` breaks `schema`, as 'path: problem'."""
-    root = root or schema
-    if "$ref" in schema:  # local references only: "#/$defs/name"
-        target = root
-        for key in schema["$ref"].removeprefix("#/").split("/"):
-            target = target[key]
-        schema = target
-    errors = []
-    expected = schema.get("type")
-    if expected is not None:
-        names = expected if isinstance(expected, list) else [expected]
-        # bool is an int subclass in Python; JSON keeps them apart
-        if not any(isinstance(value, _TYPES[n]) and not (n in ("integer", "number") and isinstance(value, bool)) for n in names):
-            return [f"{path}: expected {' or '.join(names)}, got {type(value).__name__}"]
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
-    if "minimum" in schema and isinstance(value, (int, float)) and value < schema["minimum"]:
-        errors.append(f"{path}: {value} is below the minimum {schema['minimum']}")
-    if "pattern" in schema and isinstance(value, str) and not re.search(schema["pattern"], value):
-        errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{path}: missing '{key}'")
-        properties = schema.get("properties", {})
-        for key, item in value.items():
-            if key in properties:
-                errors.extend(schema_errors(item, properties[key], f"{path}.{key}", root))
-            elif schema.get("additionalProperties") is False:
-                errors.append(f"{path}: unexpected key '{key}'")
-    if isinstance(value, list) and "items" in schema:
-        for index, item in enumerate(value):
-            errors.extend(schema_errors(item, schema["items"], f"{path}[{index}]", root))
-    return errors
+@lru_cache(maxsize=None)
+def _spec_validator(name: str):
+    schema = load_spec(name)
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)  # a broken spec file is our bug: fail loudly, not silently pass
+    return validator_class(schema)
+
+
+_MESSAGE_CHARS = 200  # jsonschema quotes the offending value, which can be a whole record
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    message = error.message if len(error.message) <= _MESSAGE_CHARS else error.message[:_MESSAGE_CHARS] + "..."
+    return f"{error.json_path}: {message}"
+
+
+def _errors(validator, value) -> list[str]:
+    errors = list(validator.iter_errors(value))
+    if not errors:
+        return []
+    # The most telling error first (jsonschema descends into anyOf/oneOf to find it), then the others.
+    best = jsonschema.exceptions.best_match(errors)
+    top = best
+    while top.parent is not None:
+        top = top.parent
+    return [_describe(best)] + [_describe(error) for error in errors if error is not top]
+
+
+def schema_errors(value, schema: dict) -> list[str]:
+    """Every way `value` breaks `schema`, as 'JSON path: problem', the most relevant first."""
+    return _errors(jsonschema.validators.validator_for(schema)(schema), value)
 
 
 def validate_json(value, spec_name: str, where: str) -> None:
-    errors = schema_errors(value, load_spec(spec_name))
+    errors = _errors(_spec_validator(spec_name), value)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise DadpoError(f"{where}: does not follow data_specs/{spec_name}: {errors[0]}{more}")

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dadpo.tiny import TEMPLATES, build_tiny_model, make_tiny_pairs
-from support import ENV, run_cli, write_jsonl
+from support import ENV, free_port, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -118,15 +118,6 @@ def pytest_sessionfinish(session, exitstatus):
 VLLM_SERVER_MAX_MODEL_LEN = 512
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (right now)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(vllm_ready, models, tmp_path_factory):
     """The tiny teacher behind vLLM's OpenAI-compatible server on loopback (CPU, fp32, eager,
@@ -173,3 +164,12 @@ def vllm_server(vllm_ready, models, tmp_path_factory):
         except ProcessLookupError:
             pass
         server.wait()
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch) -> Path:
+    """datasets.load_dataset keeps an arrow copy of what it reads: here, not in the user's cache."""
+    import datasets
+
+    folder = tmp_path / "hf_datasets_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+    return folder

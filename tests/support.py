@@ -74,6 +74,50 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     return lines[0]
 
 
+# ---------------------------------------------------------------- pairs files in every format
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_datasets(path: Path, rows: list[dict]) -> Path:
+    """A datasets.save_to_disk folder holding one Dataset."""
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def write_data_folder(path: Path, splits: dict[str, list[dict]]) -> Path:
+    """A folder of data files as the Hub lays them out (data/SPLIT-00000-of-00001.parquet), which
+    datasets.load_dataset reads offline."""
+    (path / "data").mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        write_parquet(path / "data" / f"{split}-00000-of-00001.parquet", rows)
+    return path
+
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (right now)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+
 # ---------------------------------------------------------------- the oracle
 
 

@@ -1,4 +1,5 @@
-"""dadpo.pairs: every format loads to the same normalized pairs; every bad input is one clear line."""
+"""dadpo.pairs: every format loads to the same normalized pairs; every bad input is one clear line.
+(The v2 layouts, response columns and streaming: test_pairs_layouts.py.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import write_datasets, write_json, write_jsonl, write_parquet
 from dadpo.errors import DadpoError
-from dadpo.pairs import Pairs, load_pairs, prompt_messages
+from dadpo.pairs import RESPONSE_COLUMNS, Pairs, decode_prompt, load_pairs
 
 ROWS = [
     {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5.", "topic": "math"},
@@ -26,26 +28,6 @@ ROWS = [
     },
     {"prompt": "Say hi in French", "chosen": "Bonjour !", "rejected": "Hola", "topic": "lang"},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def write_json(path, rows):
-    path.write_text(json.dumps(rows), encoding="utf-8")
-    return path
-
-
-def write_parquet(path, rows):
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
-def write_datasets(path, rows):
-    datasets.Dataset.from_list(rows).save_to_disk(str(path))
-    return path
 
 
 # Parquet and datasets need one type per column: messages everywhere (TRL conversational).
@@ -79,17 +61,19 @@ def raises(path, *fragments) -> str:
 
 def test_jsonl_normalizes_string_and_message_forms(tmp_path):
     pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", ROWS))
-    assert isinstance(pairs, Pairs) and len(pairs) == 3
+    assert isinstance(pairs, Pairs) and len(pairs) == 3 and pairs.num_rows == 3
     assert pairs.source == str(tmp_path / "pairs.jsonl")
-    assert pairs.frame.columns == ["id", "prompt", "chosen", "rejected", "topic"]
+    frame = pairs.read()
+    assert frame.columns == ["id", "prompt", "chosen", "rejected", *RESPONSE_COLUMNS, "topic"]
+    assert frame.select(RESPONSE_COLUMNS).null_count().row(0) == (3,) * 6  # v1 rows: no response columns
     assert pairs.extra_columns == ["topic"]
-    assert pairs.frame.schema["id"] == pl.Utf8
-    assert prompt_messages(pairs.frame["prompt"][0]) == [{"role": "user", "content": "What is 2+2?"}]
-    assert pairs.frame["prompt"][0] == '[{"role":"user","content":"What is 2+2?"}]'
-    assert prompt_messages(pairs.frame["prompt"][1]) == ROWS[1]["prompt"]
-    assert pairs.frame["chosen"].to_list() == ["4.", "Paris.", "Bonjour !"]
-    assert pairs.frame["rejected"].to_list() == ["5.", "Lyon.", "Hola"]
-    assert pairs.frame["topic"].to_list() == ["math", "geo", "lang"]
+    assert frame.schema["id"] == pl.Utf8
+    assert decode_prompt(frame["prompt"][0]) == [{"role": "user", "content": "What is 2+2?"}]
+    assert frame["prompt"][0] == '[{"role":"user","content":"What is 2+2?"}]'
+    assert decode_prompt(frame["prompt"][1]) == ROWS[1]["prompt"]
+    assert frame["chosen"].to_list() == ["4.", "Paris.", "Bonjour !"]
+    assert frame["rejected"].to_list() == ["5.", "Lyon.", "Hola"]
+    assert frame["topic"].to_list() == ["math", "geo", "lang"]
 
 
 @pytest.mark.parametrize(
@@ -99,25 +83,26 @@ def test_jsonl_normalizes_string_and_message_forms(tmp_path):
 def test_every_format_gives_the_same_frame_and_fingerprint(tmp_path, name, writer):
     reference = load_pairs(write_jsonl(tmp_path / "reference.jsonl", ROWS))
     pairs = load_pairs(writer(tmp_path / name, as_conversational(ROWS)))
-    assert pairs.frame.equals(reference.frame)
+    assert pairs.read().equals(reference.read())
     assert pairs.fingerprint == reference.fingerprint
 
 
 def test_digest_ids_are_stable_and_follow_content(tmp_path):
     first = load_pairs(write_jsonl(tmp_path / "a.jsonl", ROWS))
     again = load_pairs(write_jsonl(tmp_path / "b.jsonl", ROWS))
-    ids = first.frame["id"].to_list()
-    assert ids == again.frame["id"].to_list()
+    ids = first.read()["id"].to_list()
+    assert ids == again.read()["id"].to_list()
     assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids) and len(set(ids)) == 3
     changed = load_pairs(write_jsonl(tmp_path / "c.jsonl", [{**ROWS[0], "rejected": "6."}] + ROWS[1:]))
-    assert changed.frame["id"].to_list()[0] != ids[0] and changed.frame["id"].to_list()[1:] == ids[1:]
+    changed_ids = changed.read()["id"].to_list()
+    assert changed_ids[0] != ids[0] and changed_ids[1:] == ids[1:]
 
 
 def test_given_ids_are_kept_and_ints_become_strings(tmp_path):
     rows = [{"id": "q1", **ROWS[0]}, {"id": 7, **ROWS[2]}]
     pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", rows))
-    assert pairs.frame["id"].to_list() == ["q1", "7"]
-    assert pairs.frame.columns[:4] == ["id", "prompt", "chosen", "rejected"]
+    assert pairs.read()["id"].to_list() == ["q1", "7"]
+    assert pairs.read().columns[:4] == ["id", "prompt", "chosen", "rejected"]
     assert pairs.extra_columns == ["topic"]
 
 
@@ -128,18 +113,19 @@ def test_extra_columns_travel_with_their_types(tmp_path):
     ]
     pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", [{**rows[0], "mixed": 3}, rows[1]]))
     assert pairs.extra_columns == ["topic", "score", "meta", "mixed"]
-    assert pairs.frame["score"].to_list() == [1.0, 2.5]
-    assert pairs.frame["meta"].to_list() == [{"a": 1, "b": None}, {"a": None, "b": "x"}]
-    assert pairs.frame["mixed"].to_list() == ["3", '"text"']  # no one type holds both: JSON text
-    parquet = load_pairs(write_parquet(tmp_path / "p.parquet", as_conversational(rows[:1])))
-    assert parquet.frame["score"].dtype == pl.Int64 and parquet.frame["meta"].to_list() == [{"a": 1}]
+    frame = pairs.read()
+    assert frame["score"].to_list() == [1.0, 2.5]
+    assert frame["meta"].to_list() == [{"a": 1, "b": None}, {"a": None, "b": "x"}]
+    assert frame["mixed"].to_list() == ["3", '"text"']  # no one type holds both: JSON text
+    parquet = load_pairs(write_parquet(tmp_path / "p.parquet", as_conversational(rows[:1]))).read()
+    assert parquet["score"].dtype == pl.Int64 and parquet["meta"].to_list() == [{"a": 1}]
 
 
 def test_fingerprint_changes_when_one_response_changes(tmp_path):
     rows = [{"id": f"r{i}", **row} for i, row in enumerate(ROWS)]
     base = load_pairs(write_jsonl(tmp_path / "a.jsonl", rows))
     edited = load_pairs(write_jsonl(tmp_path / "b.jsonl", rows[:2] + [{**rows[2], "chosen": "Salut !"}]))
-    assert base.frame["id"].to_list() == edited.frame["id"].to_list()
+    assert base.read()["id"].to_list() == edited.read()["id"].to_list()
     assert base.fingerprint != edited.fingerprint
     reordered = load_pairs(write_jsonl(tmp_path / "c.jsonl", rows[::-1]))
     assert reordered.fingerprint != base.fingerprint
@@ -166,7 +152,7 @@ def test_missing_column_suggests_the_close_name(tmp_path):
         write_jsonl(tmp_path / "pairs.jsonl", rows),
         "pairs.jsonl: missing column 'rejected' (found: prompt, chosen, reject)",
         "did you mean 'reject' for 'rejected'?",
-        "expected prompt, chosen, rejected [, id]",
+        "expected chosen, rejected [, prompt, id]",
     )
     misnamed = write_parquet(tmp_path / "p.parquet", [{"Prompt": "p", "chosen": "c"}])
     raises(misnamed, "p.parquet: missing columns 'prompt', 'rejected'", "'Prompt' for 'prompt'")
@@ -215,8 +201,10 @@ def test_json_errors(tmp_path):
         ({"prompt": [{"role": "user", "content": " "}]}, ["row 1 (id 'b'): 'prompt' is empty"]),
         ({"prompt": [{"content": "hi"}]}, ["'prompt' message 0 has no role"]),
         ({"prompt": ["hi"]}, ["'prompt' message 0 must be a {role, content} object, got str"]),
+        # v2: a list of several messages is a whole conversation, which the other response must be too
         ({"chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]},
-         ["row 1 (id 'b'): 'chosen' must be a string or a one-message assistant list, got a list of 2 messages"]),
+         ["row 1 (id 'b'): 'chosen' holds a conversation of 2 messages but 'rejected' is a str"]),
+        ({"chosen": []}, ["row 1 (id 'b'): 'chosen' must be a string or a one-message assistant list, got a list of 0 messages"]),
         ({"rejected": [{"role": "user", "content": "a"}]}, ["'rejected' message has role 'user'; expected 'assistant'"]),
         ({"rejected": [{"role": "assistant", "content": 3}]}, ["'rejected' message 'content' must be a string, got int"]),
         ({"rejected": [{"role": "assistant", "content": "  "}]}, ["'rejected' is empty"]),
@@ -274,11 +262,12 @@ def test_empty_inputs(tmp_path):
 def test_unreadable_sources(tmp_path):
     raises(tmp_path / "missing.jsonl", "missing.jsonl: no such file")
     (tmp_path / "pairs.csv").write_text("prompt,chosen,rejected\n")
-    raises(tmp_path / "pairs.csv", "pairs.csv: unsupported format; use .parquet, .jsonl, .json or a datasets")
+    raises(tmp_path / "pairs.csv", "pairs.csv: unsupported format; use .parquet, .jsonl or .json, a datasets")
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     raises(tmp_path / "junk.parquet", "junk.parquet: not a readable Parquet file")
     (tmp_path / "plain_folder").mkdir()
-    raises(tmp_path / "plain_folder", "plain_folder: a folder, but not a datasets.save_to_disk folder")
+    raises(tmp_path / "plain_folder", "plain_folder: not a datasets.save_to_disk folder, and datasets.load_dataset "
+           "could not load it (EmptyDatasetError", "doesn't contain any data files")
     ds = datasets.Dataset.from_list(as_conversational(ROWS))
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "no_train"))
     raises(tmp_path / "no_train", "no_train: a DatasetDict with splits test and no 'train' split")
@@ -286,15 +275,35 @@ def test_unreadable_sources(tmp_path):
 
 # ---- the code and the published schema (data_specs/pairs.v1.schema.json) agree ---------------
 
+USER, ASSISTANT = {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}
+TOKENS = {"chosen_token_ids": [5, 0, 2], "chosen_token_ids_vocab": "v1", "chosen_finish_reason": "length"}
 SCHEMA_CASES = [
     ({"prompt": "p", "chosen": "c", "rejected": "r"}, True),
     ({"id": 3, "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
       "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r", "extra": 1}, True),
+    ({"chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": "b"}]}, True),
+    ({"prompt": "u", "chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": "b"}]}, True),
+    ({"chosen": "Q: x? A: yes", "rejected": "Q: x? A: no"}, True),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", **TOKENS, "rejected_finish_reason": None}, True),
     ({"prompt": "p", "chosen": "c"}, False),
     ({"prompt": 42, "chosen": "c", "rejected": "r"}, False),
+    ({"prompt": "", "chosen": "c", "rejected": "r"}, False),
+    ({"prompt": [{"role": "user", "content": " "}], "chosen": "c", "rejected": "r"}, False),
     ({"prompt": [{"role": "robot", "content": "u"}], "chosen": "c", "rejected": "r"}, False),
     ({"prompt": [{"role": "user", "content": ["x"]}], "chosen": "c", "rejected": "r"}, False),
     ({"prompt": "p", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"}, False),
+    ({"prompt": "p", "chosen": " ", "rejected": "r"}, False),
+    ({"id": " ", "prompt": "p", "chosen": "c", "rejected": "r"}, False),
+    ({"id": True, "prompt": "p", "chosen": "c", "rejected": "r"}, False),
+    ({"chosen": [USER, USER], "rejected": [USER, ASSISTANT]}, False),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", **TOKENS, "chosen_token_ids": [1, -1]}, False),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", **TOKENS, "chosen_token_ids": [1, True]}, False),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", **TOKENS, "chosen_token_ids": [1, 2**31]}, False),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", **TOKENS, "chosen_token_ids": []}, False),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", **TOKENS, "chosen_token_ids": "1 2"}, False),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", **TOKENS, "chosen_token_ids_vocab": None}, False),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", "rejected_token_ids_vocab": "v1"}, False),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", **TOKENS, "chosen_finish_reason": "eos"}, False),
 ]
 
 
@@ -302,7 +311,7 @@ SCHEMA_CASES = [
 def test_loader_and_schema_agree(tmp_path, row, valid):
     from dadpo.specs import load_spec, schema_errors
 
-    assert (schema_errors(row, load_spec("pairs.v1.schema.json")) == []) is valid
+    assert (schema_errors(row, load_spec("pairs.v2.schema.json")) == []) is valid
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps(row) + "\n")
     if valid:
@@ -310,3 +319,18 @@ def test_loader_and_schema_agree(tmp_path, row, valid):
     else:
         with pytest.raises(DadpoError):
             load_pairs(path)
+
+
+def test_validate_json_is_one_line_naming_the_first_error():
+    from dadpo.specs import validate_json
+
+    row = {"prompt": 5, "chosen": "c", "rejected": "r", "chosen_token_ids": [1, -1]}
+    with pytest.raises(DadpoError) as caught:
+        validate_json(row, "pairs.v2.schema.json", "row 3")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("row 3: does not follow data_specs/pairs.v2.schema.json: $")
+    assert message.endswith("(and 2 more)"), message  # the prompt, the negative id, the missing vocabulary
+    with pytest.raises(DadpoError) as caught:  # the offending value is quoted, but not at any length
+        validate_json({"prompt": ["x" * 5000], "chosen": "c", "rejected": "r"}, "pairs.v2.schema.json", "row 4")
+    assert len(str(caught.value)) < 400
+    validate_json({"chosen": "c", "rejected": "r"}, "pairs.v2.schema.json", "row 5")

@@ -97,6 +97,9 @@ class CacheTeacherConfig:
                               factory=list, metavar="OLD_CACHE")
     server_concurrency: int = option(8, "Requests in flight per server (--teacher-url/--reference-url).")
     server_timeout: float = option(300.0, "Seconds before a server request is retried.")
+    plan_only: bool = option(False, "Tokenize every pending pair for every model (templates, length rule) into "
+                             "CACHE/work and stop before any model loads: a dry run that finds bad pairs early; the "
+                             "real run reuses the plan.")
     overwrite: bool = option(False, "Delete an existing cache in --out and start over (one worker only: run it "
                              "before launching the others).")
     no_chat_template: bool = option(False, "Plain mode: ignore the models' chat templates.")
@@ -120,6 +123,7 @@ class CacheSummary:
     sequences_scored: int = 0
     sequences_reused: int = 0
     plan_seconds: float = 0.0
+    planned: int = 0  # shards tokenized by this run
 
 
 def cache_teacher(cfg: CacheTeacherConfig) -> CacheSummary:
@@ -179,6 +183,11 @@ def _build(cfg: CacheTeacherConfig, out: Path, scratch: Path, started: float) ->
         else:
             todo.append(k)
 
+    if cfg.plan_only:
+        totals = manifest["totals"]
+        return CacheSummary(str(out), totals["rows"], totals["dropped"], totals["shards_done"], num_shards,
+                            manifest["complete"], time.monotonic() - started, {}, len(adopted), len(repaired),
+                            plan_seconds=plan_seconds, planned=len(planned))
     jobs = [PassJob(side, str(out), [k for k in todo if not work_path(out, side.prefix, k).exists()], sides.backend,
                     cfg.engine, sides.max_length, cfg.trust_remote_code, cfg.progress, list(cfg.reuse_from),
                     _server_settings(cfg, side, sides.max_length))
@@ -194,7 +203,7 @@ def _build(cfg: CacheTeacherConfig, out: Path, scratch: Path, started: float) ->
     totals = manifest["totals"]
     return CacheSummary(str(out), totals["rows"], totals["dropped"], totals["shards_done"], num_shards,
                         manifest["complete"], time.monotonic() - started, pass_stats, len(adopted), len(repaired),
-                        totals["sequences_scored"], totals["sequences_reused"], plan_seconds)
+                        totals["sequences_scored"], totals["sequences_reused"], plan_seconds, len(planned))
 
 
 # ---------------------------------------------------------------- the models

@@ -3,7 +3,7 @@
     RUN/checkpoints/step-000200/
         model/                     HF save_pretrained (safetensors) + tokenizer   (full fine-tuning)
         adapter/                   peft save_pretrained (safetensors) + tokenizer (LoRA)
-        optimizer.safetensors      every optimizer state tensor, named "<param index>.<key>"
+        optimizer.safetensors      every optimizer state tensor, named "<parameter name>::<key>" (full, unsharded)
         optimizer.json             param_groups and any non-tensor state
         scheduler.json             the LR scheduler's state_dict (plain numbers)
         rng-rank00000.safetensors  torch CPU/CUDA RNG states of process 0, numpy's MT19937 keys
@@ -35,7 +35,7 @@ from dadpo.errors import DadpoError
 from dadpo.training.run_folder import ADAPTER_DIR, CHECKPOINTS_DIR, MODEL_DIR
 
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name, so any process layout resumes any other
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -59,6 +59,9 @@ def read_state(checkpoint: Path) -> dict:
         raise DadpoError(f"{checkpoint / STATE_FILE}: unreadable ({exc})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise DadpoError(f"{checkpoint / STATE_FILE}: not a dadpo trainer state")
+    if state.get("format") != FORMAT_VERSION:
+        raise DadpoError(f"{checkpoint}: checkpoint format {state.get('format')}, this dadpo resumes format "
+                         f"{FORMAT_VERSION}; start the run again without --resume")
     return state
 
 
@@ -173,9 +176,9 @@ def _save_optimizer(state: dict, folder: Path) -> None:
     for index, values in state["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{index}::{key}"] = value.detach().to("cpu").contiguous()
             else:
-                scalars[f"{index}.{key}"] = value
+                scalars[f"{index}::{key}"] = value
     save_file(tensors, str(folder / "optimizer.safetensors"))
     (folder / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
 
@@ -198,10 +201,10 @@ def load_optimizer_state(checkpoint: Path) -> dict:
     """The optimizer state_dict a checkpoint holds (full, unsharded; tensors on the CPU)."""
     tensors = load_file(str(checkpoint / "optimizer.safetensors"))
     meta = json.loads((checkpoint / "optimizer.json").read_text())
-    state: dict[int, dict] = {}
+    state: dict[str, dict] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        parameter, key = name.rsplit("::", 1)
+        state.setdefault(parameter, {})[key] = value
     groups = meta["param_groups"]
     for group in groups:
         if isinstance(group.get("betas"), list):

@@ -77,6 +77,7 @@ class Trainer:
         self.cfg, self.model, self.tokenizer, self.unit, self.metric_names = cfg, model, tokenizer, unit, metric_names
         self.train_count = train_rows
         self.accelerator = accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        _fsdp_on_cpu(accelerator)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != accelerator.num_processes:
             # e.g. torchrun on a CPU-only machine without ACCELERATE_USE_CPU=1: N unaware copies of one run
@@ -309,30 +310,36 @@ class Trainer:
 
     # ---------------------------------------------------------------- sharded states (FSDP)
 
+    # Checkpoints hold full (unsharded) states keyed by parameter name, whatever the layout: every
+    # process takes part in the gather, the main process writes. So a run checkpointed under FSDP
+    # resumes in one process and the other way round.
+
     def _full_model_state(self) -> dict | None:
         """The whole model's weights on the main process under FSDP/DeepSpeed (None: unsharded, the
         model's own state_dict is used). Keys are those of the wrapped LM."""
-        if not (self.fsdp or self.deepspeed):
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        elif self.deepspeed:
+            full = self.accelerator.get_state_dict(self.policy)
+        else:
             return None
-        full = self.accelerator.get_state_dict(self.policy)  # every process takes part in the gather
         return {key.removeprefix("model."): value for key, value in full.items()} if full else None
 
     def _full_optimizer_state(self) -> dict:
-        if not self.fsdp:
-            return self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.policy, self.optimizer,
+        return get_optimizer_state_dict(self.policy, self.optimizer.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _load_optimizer(self, state: dict) -> None:
-        if not self.fsdp:
-            self.optimizer.load_state_dict(state)
-            return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.policy, self.optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        distributed = self.accelerator.num_processes > 1
+        set_optimizer_state_dict(self.policy, self.optimizer.optimizer,
+                                 state if self.is_main_process or not distributed else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
 
     # ---------------------------------------------------------------- metric vectors
 
@@ -344,6 +351,25 @@ class Trainer:
     def _reduce(self, totals: torch.Tensor) -> dict[str, float]:
         names = list(self.metric_names) + ["count", "tokens", "stop"]
         return {name: float(v) for name, v in zip(names, self.accelerator.reduce(totals, reduction="sum").tolist())}
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """accelerate (1.15) turns ACCELERATE_USE_FSDP into FSDP only on accelerators; with
+    ACCELERATE_USE_CPU=1 it quietly stays DDP. Switch such a run to FSDP, with the plugin the FSDP_*
+    environment variables describe, so `accelerate launch` configs run the same on CPU processes."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or \
+            os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("true", "1"):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    # later AcceleratorState() calls copy the shared state back over their own: keep them agreeing
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def per_item_means(totals: dict[str, float]) -> dict[str, float]:
