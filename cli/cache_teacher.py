@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dadpo.cache.build import CacheTeacherConfig
+from dadpo.config import CacheTeacherConfig
 from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
 
@@ -48,6 +48,8 @@ def cache_teacher_command(**flags):
         click.echo(f"  resumed: {summary.adopted} shard(s) found whole on disk and recorded, "
                    f"{summary.repaired} altered or missing shard(s) recomputed")
     for role, stats in summary.pass_stats.items():
-        click.echo(f"  {role}: {stats['tokens']} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_s']:.0f} tok/s)")
+        shared = f"; {stats['shared_prompt_tokens']} prompt tokens shared" if stats.get("shared_prompt_tokens") else ""
+        click.echo(f"  {role}: {stats['tokens']} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_s']:.0f} tok/s"
+                   f"{shared})")
     if not summary.complete:
         click.echo("  other workers' shards are still missing; training waits for a complete cache")

@@ -8,7 +8,7 @@ import click
 
 from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
-from dadpo.generate import GenerateConfig
+from dadpo.config import GenerateConfig
 
 _ENGINE_FLAGS_UNUSED = ("engine.seed", "engine.fp32_head", "engine.max_num_batched_tokens")
 

@@ -6,7 +6,7 @@ import click
 
 from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
-from dadpo.recipes.dadpo import TrainConfig
+from dadpo.config import TrainConfig
 
 
 @cli.command("sweep")

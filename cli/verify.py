@@ -8,7 +8,7 @@ import click
 
 from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
-from dadpo.verify import VerifyConfig
+from dadpo.config import VerifyConfig
 
 
 @cli.command("verify-cache")

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from dadpo.atomic import write_atomic
-from dadpo.cache import CacheTeacherConfig, cache_teacher
+from dadpo.cache import cache_teacher
+from dadpo.config import CacheTeacherConfig, TrainConfig
 from dadpo.engine import EngineOptions
-from dadpo.recipes.dadpo import TrainConfig, train
+from dadpo.recipes.dadpo import train
 from dadpo.tiny import build_demo_models, make_tiny_pairs
 
 

@@ -33,49 +33,18 @@ import pyarrow.parquet as pq
 
 from dadpo import stop
 from dadpo.atomic import write_atomic, write_json_atomic, write_parquet_atomic
-from dadpo.engine import EngineOptions
 from dadpo.errors import DadpoError
 from dadpo.modeling import ResolvedModel, model_tokenizer, resolve_model, resolved_dtype, torch_dtype, weights_digest
-from dadpo.options import REQUIRED, option
-from dadpo.pairs import PROMPT_FORMATS, decode_prompt, load_prompts
+from dadpo.config import GenerateConfig
+from dadpo.pairs import decode_prompt, load_prompts
 from dadpo.runner import Progress, run_passes
-from dadpo.sampling import Sampling, make_sampler
-from dadpo.scoring import BACKENDS, backend_version, pick_backend
+from dadpo.sampling import make_sampler
+from dadpo.scoring import backend_version, pick_backend
 from dadpo.tokenization import check_date, parse_template_kwargs, today
 
 ROLES = ("teacher", "student")
 METADATA_KEY = "dadpo.generate"
 FORMAT_VERSION = 2
-
-
-@dataclass
-class GenerateConfig:
-    prompts: str = option(REQUIRED, "Prompts file: .parquet, .jsonl, .json, a datasets.save_to_disk folder, a folder "
-                          "of data files or a Hub dataset id, with `prompt` (a string or a list of {role, content} "
-                          "messages) [, id]. Other columns travel through (chosen/rejected, if present, are ignored).")
-    teacher: str = option(REQUIRED, "Teacher model: HF hub id or local folder.")
-    student: str = option(REQUIRED, "Student model (the one whose responses become `rejected`).")
-    out: str = option(REQUIRED, "Pairs file to write (.parquet or .jsonl); OUT.work/ holds the progress.")
-    prompts_split: str | None = option(None, "Split of a Hub dataset id or a folder of data files.")
-    prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by each model's chat "
-                                "template; raw: string prompts are already-formatted text.", choices=PROMPT_FORMATS)
-    backend: str = option("auto", "auto (vllm when installed, else hf), hf or vllm.", choices=BACKENDS)
-    sampling: Sampling = option(help="", factory=Sampling)
-    dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
-    teacher_revision: str | None = option(None, "Hub revision (branch, tag or commit) of the teacher.")
-    student_revision: str | None = option(None, "Hub revision of the student.")
-    teacher_template_kwargs: str | None = option(None, "The teacher's chat-template variables as JSON, e.g. "
-                                                 "'{\"reasoning_effort\": \"high\"}'.")
-    student_template_kwargs: str | None = option(None, "The student's chat-template variables as JSON, e.g. "
-                                                 "'{\"enable_thinking\": false}'.")
-    template_date: str | None = option(None, "Date (YYYY-MM-DD) that templates which write today's date render; "
-                                       "recorded, and used by cache-teacher on these pairs.", default_text="today")
-    chunk_size: int = option(512, "Prompts per chunk: the unit of progress kept across crashes.")
-    overwrite: bool = option(False, "Replace an existing OUT (and its unfinished work) and start over.")
-    no_chat_template: bool = option(False, "Plain mode: ignore the models' chat templates.")
-    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
-    engine: EngineOptions = option(help="", factory=lambda: EngineOptions(batch_size=32))
-    progress: bool = option(True, "Progress bars.", cli=False)
 
 
 @dataclass

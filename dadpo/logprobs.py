@@ -14,14 +14,26 @@ Two layouts of the same sequences (the sums agree to float rounding):
           every sequence, which transformers reads as sequence boundaries (flash-attention
           varlen kernels, or a block-diagonal mask for sdpa/eager). check_packing() verifies that
           a given model really keeps packed sequences apart.
+
+Prefix sharing (collate_pairs): a preference pair's prompt runs once. Its row is laid out
+[prompt | chosen | rejected]; both responses attend (causally) to the prompt and to themselves,
+never to each other, and both take positions P.. after a P-token prompt, so every log-prob is
+that of the unshared sequence. The batch carries, per token, its pair (`document`) and branch
+(0 prompt, 1 chosen, 2 rejected); forward() turns them into the mask the model's attention
+implementation takes (sdpa: bool 4D, eager: additive 4D, flex_attention: a BlockMask), which
+transformers passes through untouched. sharing_support() and check_sharing() say whether a
+model honours that mask. Padded (a row per pair) and packed (every pair in one row) both work.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -46,6 +58,9 @@ class ResponseBatch:
     sequence: torch.Tensor  # [R] index of the sequence the token belongs to
     num_sequences: int
     num_tokens: int  # real (non-pad) tokens fed to the decoder
+    # prefix sharing only (collate_pairs); position_ids then always set, attention_mask as above
+    document: torch.Tensor | None = None  # [N, L] pair of each token (-1: padding)
+    branch: torch.Tensor | None = None  # [N, L] 0 prompt, 1 chosen, 2 rejected
 
     def to(self, device) -> "ResponseBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -56,7 +71,11 @@ class ResponseBatch:
 
     @property
     def packed(self) -> bool:
-        return self.position_ids is not None
+        return self.attention_mask is None
+
+    @property
+    def shared(self) -> bool:
+        return self.branch is not None
 
 
 def collate(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, packed: bool = False) -> ResponseBatch:
@@ -94,6 +113,85 @@ def collate(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
                          as_long(targets), as_long(owners), len(sequences), sum(lengths))
 
 
+Pair = tuple[Sequence[int], Sequence[int], Sequence[int]]  # (prompt_ids, chosen_ids, rejected_ids)
+
+
+def collate_pairs(pairs: Sequence[Pair], pad_id: int, *, packed: bool = False) -> ResponseBatch:
+    """Prefix-shared ResponseBatch of n pairs: one [prompt | chosen | rejected] row per pair
+    (padded) or all of them in one row (packed). Its sequences are chosen_0..chosen_{n-1},
+    rejected_0..rejected_{n-1}, so ResponseLogprobs(batch)[:n] / [n:] are chosen / rejected."""
+    n = len(pairs)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in pairs]
+    shape = (1, sum(lengths)) if packed else (n, max(lengths, default=0))
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    document = torch.full(shape, -1, dtype=torch.long)
+    branch = torch.zeros(shape, dtype=torch.int8)
+    rows, positions, targets, owners = [], [], [], []
+    offset = 0
+    for i, (prompt_ids, chosen_ids, rejected_ids) in enumerate(pairs):
+        if not prompt_ids:
+            # the first response token needs a previous position to be predicted from
+            raise ValueError(f"pair {i}: empty prompt ids")
+        row, start = (0, offset) if packed else (i, 0)
+        prompt_len, chosen_len = len(prompt_ids), len(chosen_ids)
+        end = start + lengths[i]
+        input_ids[row, start:end] = torch.tensor([*prompt_ids, *chosen_ids, *rejected_ids], dtype=torch.long)
+        # both responses continue the prompt's positions, as in their own unshared sequences
+        position_ids[row, start:end] = torch.cat([torch.arange(prompt_len + chosen_len),
+                                                  torch.arange(prompt_len, prompt_len + len(rejected_ids))])
+        document[row, start:end] = i
+        branch[row, start + prompt_len : start + prompt_len + chosen_len] = 1
+        branch[row, start + prompt_len + chosen_len : end] = 2
+        last_prompt = start + prompt_len - 1  # predicts the first token of either response
+        chosen_start = start + prompt_len
+        rejected_start = chosen_start + chosen_len
+        for response_ids, first, owner in ((chosen_ids, chosen_start, i), (rejected_ids, rejected_start, n + i)):
+            rows.extend([row] * len(response_ids))
+            positions.extend([last_prompt, *range(first, first + len(response_ids) - 1)][: len(response_ids)])
+            targets.extend(response_ids)
+            owners.extend([owner] * len(response_ids))
+        offset = end
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    attention_mask = None if packed else (document >= 0).long()
+    return ResponseBatch(input_ids, attention_mask, position_ids, as_long(rows), as_long(positions),
+                         as_long(targets), as_long(owners), 2 * n, sum(lengths), document, branch)
+
+
+def pair_sequences(pairs: Sequence[Pair]) -> list[tuple[Sequence[int], Sequence[int]]]:
+    """The pairs unshared, in collate_pairs' sequence order: (prompt, chosen)..., (prompt, rejected)..."""
+    return [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+
+
+def _sharing_allowed(document: torch.Tensor, branch: torch.Tensor, q, k):
+    """Whether query token q may attend to key token k (index tensors that broadcast): same pair,
+    causal, and the key is prompt or of the query's own branch. Each token also sees itself, so
+    a padding query never has every key masked (a fully masked softmax row is NaN)."""
+    same_pair = (document[..., q] == document[..., k]) & (document[..., k] >= 0)
+    branch_ok = (branch[..., k] == 0) | (branch[..., k] == branch[..., q])
+    return (same_pair & branch_ok & (k <= q)) | (k == q)
+
+
+def shared_attention_mask(batch: ResponseBatch, attn_implementation: str, dtype: torch.dtype):
+    """The 4D mask of a prefix-shared batch, in the form `attn_implementation` takes."""
+    document, branch = batch.document, batch.branch
+    length = document.shape[1]
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, k):
+            return _sharing_allowed(document[b], branch[b], q, k)
+
+        return create_block_mask(mask_mod, document.shape[0], None, length, length, device=document.device)
+    index = torch.arange(length, device=document.device)
+    allowed = _sharing_allowed(document, branch, index[:, None], index[None, :])[:, None]  # [N, 1, L, L], True = attend
+    if attn_implementation == "sdpa":
+        return allowed
+    if attn_implementation == "eager":  # eager adds the mask to the scores
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    raise DadpoError(f"prefix sharing: attention implementation {attn_implementation} takes no custom mask")
+
+
 def _chunk_logprobs(lm_head: nn.Module, hidden: torch.Tensor, target: torch.Tensor, softcap: float | None):
     logits = lm_head(hidden).float()
     if softcap:  # Gemma-2 style final logit soft-capping, as the model's own forward does it
@@ -120,7 +218,11 @@ class ResponseLogprobs(nn.Module):
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         # use_cache=False: a KV cache is useless here and would hold every layer's keys/values
         inputs = {"input_ids": batch.input_ids, "use_cache": False}
-        if batch.packed:
+        if batch.shared:
+            dtype = self.model.get_input_embeddings().weight.dtype
+            inputs["attention_mask"] = shared_attention_mask(batch, self.model.config._attn_implementation, dtype)
+            inputs["position_ids"] = batch.position_ids
+        elif batch.packed:
             inputs["position_ids"] = batch.position_ids  # attention_mask stays None: boundaries come from positions
         else:
             inputs["attention_mask"] = batch.attention_mask
@@ -139,6 +241,34 @@ class ResponseLogprobs(nn.Module):
         return sums.index_add(0, batch.sequence, token_logprobs.double())
 
 
+def _layout_difference(logprobs: nn.Module, unwrapped: ResponseLogprobs, reference: ResponseBatch,
+                       other: ResponseBatch, device, failure: str) -> tuple[float, float]:
+    """Largest |difference| per response token between two layouts of the same sequences (inf if
+    not finite), and the tolerance for the model's dtype. Eval mode, no grad; the mode is restored.
+    An exception from the model on `other` becomes DadpoError(failure.format(error=...))."""
+    was_training = logprobs.training
+    logprobs.eval()
+    try:
+        with torch.no_grad():
+            expected = logprobs(reference.to(device))
+            try:
+                got = logprobs(other.to(device))
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # e.g. model code that cannot take position_ids boundaries or a 4D mask
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                raise DadpoError(failure.format(error=f"{type(exc).__name__}: {first_line}")) from None
+    finally:
+        logprobs.train(was_training)
+    counts = torch.bincount(reference.sequence, minlength=reference.num_sequences).clamp(min=1)
+    per_token = float(((got - expected).abs() / counts.to(expected.device)).max())
+    dtype = next(unwrapped.model.parameters()).dtype
+    # nats per token. Layout noise is ~1e-7 in fp32 and ~1e-4 in bf16; a model that lets one
+    # sequence see another is off by ~1e-2 even at random init.
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-3
+    return (per_token if math.isfinite(per_token) else math.inf), tolerance
+
+
 def check_packing(logprobs: nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
                   device, where: str, unwrapped: ResponseLogprobs | None = None) -> float:
     """Refuse (DadpoError) unless packed log-probs of `sequences` equal the padded ones.
@@ -153,19 +283,100 @@ def check_packing(logprobs: nn.Module, sequences: Sequence[tuple[Sequence[int], 
     if "position_ids" not in inspect.signature(decoder.forward).parameters:
         raise DadpoError(f"--packing: {where} does not take position_ids, so packed sequences cannot be "
                          "separated; run without --packing")
-    was_training = logprobs.training
-    logprobs.eval()
-    with torch.no_grad():
-        padded = logprobs(collate(sequences, 0).to(device))
-        packed = logprobs(collate(sequences, 0, packed=True).to(device))
-    logprobs.train(was_training)
-    per_token = ((packed - padded).abs() / torch.tensor([len(r) for _, r in sequences], device=padded.device)).max()
-    dtype = next(unwrapped.model.parameters()).dtype
-    # nats per token. Layout noise is ~1e-7 in fp32 and ~1e-4 in bf16; a model that mixes packed
-    # sequences is off by ~1e-2 even at random init.
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-3
-    if not torch.isfinite(per_token) or float(per_token) > tolerance:
+    per_token, tolerance = _layout_difference(
+        logprobs, unwrapped, collate(sequences, 0), collate(sequences, 0, packed=True), device,
+        f"--packing: {where} fails on a packed batch ({{error}}); run without --packing")
+    if per_token > tolerance:
         raise DadpoError(f"--packing: {where} lets packed sequences attend to each other (packed and padded "
-                         f"log-probs differ by {float(per_token):.3g} nats per token); its attention ignores "
+                         f"log-probs differ by {per_token:.3g} nats per token); its attention ignores "
                          "position_ids boundaries, run without --packing")
-    return float(per_token)
+    return per_token
+
+
+# ---------------------------------------------------------------- prefix sharing: support and check
+
+SHARING_ATTENTION = ("sdpa", "eager", "flex_attention")  # implementations that take a custom 4D mask
+
+
+def sharing_support(model: nn.Module) -> str | None:
+    """None when `model` (a causal LM) can take a prefix-shared batch, else why not (static: from
+    its config and signature; check_sharing() then verifies the numbers)."""
+    config = model.config
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in SHARING_ATTENTION:
+        return f"its attention implementation {implementation} takes no custom attention mask " \
+               f"(only {', '.join(SHARING_ATTENTION)} do)"
+    if "position_ids" not in inspect.signature(model.get_decoder().forward).parameters:
+        return "its decoder does not take position_ids"
+    # A custom mask replaces the model's own masks, sliding-window ones included, and a short
+    # probe would not show the difference; token mixers other than attention (recurrent, conv)
+    # ignore it. Refuse any layer kind but full attention outright.
+    kinds = set(getattr(config, "layer_types", None) or []) | set(getattr(config, "attention_layers", None) or [])
+    other_layers = sorted(kinds - {"full_attention", "global"})  # GPT-Neo calls full attention "global"
+    if other_layers:
+        return f"it has {'/'.join(other_layers)} layers, which a custom attention mask cannot govern"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return f"it uses a sliding attention window ({window} tokens), which a custom mask would replace"
+    if getattr(config, "attention_chunk_size", None):
+        return "it uses chunked attention, which a custom mask would replace"
+    return None
+
+
+def probe_pairs(vocab_size: int) -> list[Pair]:
+    """Random pairs for check_sharing (any tokenizer, any model): a long prompt first, responses
+    of 1 to 16 tokens."""
+    generator = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, vocab_size, (n,), generator=generator).tolist()  # noqa: E731
+    return [(ids(48), ids(16), ids(12)), (ids(5), ids(1), ids(7)), (ids(9), ids(4), ids(1)), (ids(3), ids(8), ids(8))]
+
+
+def check_sharing(logprobs: nn.Module, pairs: Sequence[Pair], device, where: str,
+                  unwrapped: ResponseLogprobs | None = None) -> float:
+    """Refuse (DadpoError) unless prefix-shared log-probs of `pairs` (padded and packed) equal the
+    unshared ones. Returns the largest difference per response token. `logprobs` may be wrapped
+    (DDP, FSDP); then `unwrapped` is the ResponseLogprobs inside."""
+    unwrapped = unwrapped or logprobs
+    reason = sharing_support(unwrapped.model)
+    if reason:
+        raise DadpoError(f"prefix sharing: {where} cannot share prompts: {reason}; run with prefix sharing off")
+    unshared = collate(pair_sequences(pairs), 0)
+    worst = 0.0
+    for packed in (False, True):
+        per_token, tolerance = _layout_difference(
+            logprobs, unwrapped, unshared, collate_pairs(pairs, 0, packed=packed), device,
+            f"prefix sharing: {where} fails on a prefix-shared batch ({{error}}); run with prefix sharing off")
+        if per_token > tolerance:
+            raise DadpoError(f"prefix sharing: {where} computes other log-probs with a shared prompt "
+                             f"(shared and unshared differ by {per_token:.3g} nats per token): it ignores a "
+                             "custom 4D attention mask or does not number positions 0, 1, 2, ...; run with prefix "
+                             "sharing off")
+        worst = max(worst, per_token)
+    return worst
+
+
+def score_pairs(logprobs: nn.Module, pairs: Sequence[Pair], pad_id: int, device, batch_size: int = 8, *,
+                shared: bool = True, on_tokens: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (log pi(chosen | prompt), log pi(rejected | prompt)) per pair, in input order, from a
+    ResponseLogprobs (possibly wrapped by accelerate), prefix-shared or not. Longest pairs first,
+    batch_size sequences (batch_size // 2 pairs) per batch. Eval mode, no grad; the mode is
+    restored. on_tokens gets each batch's prompt+response tokens per sequence (a shared prompt
+    counts twice): the count scoring the 2n sequences one by one would report."""
+    order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
+    chosen, rejected = np.empty(len(pairs), dtype=np.float64), np.empty(len(pairs), dtype=np.float64)
+    pairs_per_batch = max(1, batch_size // 2)
+    was_training = logprobs.training
+    logprobs.eval()  # no dropout
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), pairs_per_batch):
+                indices = order[start : start + pairs_per_batch]
+                some = [pairs[i] for i in indices]
+                batch = collate_pairs(some, pad_id) if shared else collate(pair_sequences(some), pad_id)
+                logps = logprobs(batch.to(device)).double().cpu().numpy()
+                chosen[indices], rejected[indices] = logps[: len(some)], logps[len(some) :]
+                if on_tokens is not None:
+                    on_tokens(sum(2 * len(p) + len(c) + len(r) for p, c, r in some))
+    finally:
+        logprobs.train(was_training)
+    return chosen, rejected

@@ -31,32 +31,14 @@ from dadpo.errors import DadpoError
 from dadpo.pairs_rows import (REQUIRED_COLUMNS, RESPONSE_COLUMNS, SIDES, TOKEN_IDS, ChunkResponses, normalize_id, pair,
                               prompt_only)
 from dadpo.pairs_sources import ABSENT, Chunk, open_source
+from dadpo.tokenization import PROMPT_FORMATS, Response, pair_responses  # noqa: F401  (the rows' readers use them)
 
 CHUNK_ROWS = 4096  # rows read, checked and written at a time: one row group of the normalised file
-PROMPT_FORMATS = ("chat", "raw")  # how a string prompt is read: a user turn, or text ready for the model
 canonical_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _PAIRS_SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "prompt", *SIDES)] + [
     (name, TOKEN_IDS if name.endswith("_token_ids") else pa.string()) for name in RESPONSE_COLUMNS])
 _PROMPTS_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string())])
 _SPEC_COLUMNS = ("id", "prompt", *SIDES, *RESPONSE_COLUMNS)  # never extras (prompts drop the responses)
-
-
-@dataclass(frozen=True)
-class Response:
-    text: str
-    token_ids: tuple[int, ...] | None = None  # the ids the model sampled, its stop token included
-    token_ids_vocab: str | None = None  # digest naming the vocabulary of token_ids
-    finish_reason: str = "stop"  # "length": cut at the generation limit
-
-
-def pair_responses(row: dict) -> tuple[Response, Response]:
-    """The chosen and rejected Response of a normalised row (a dict, as polars iter_rows(named=True) gives)."""
-    def response(side: str) -> Response:
-        ids = row.get(f"{side}_token_ids")
-        return Response(row[side], None if ids is None else tuple(ids), row.get(f"{side}_token_ids_vocab"),
-                        row.get(f"{side}_finish_reason") or "stop")
-
-    return response("chosen"), response("rejected")
 
 
 @dataclass

@@ -22,18 +22,8 @@ from typing import Sequence
 from dadpo.engine import EngineOptions, build_llm, checkpoint_dtype, shutdown_llm
 from dadpo.errors import DadpoError
 from dadpo.modeling import ResolvedModel, max_positions, model_tokenizer, resolve_model
-from dadpo.options import option
+from dadpo.config import Sampling
 from dadpo.tokenization import ModelTokenizer, today
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How responses are drawn; temperature 0 is greedy decoding."""
-
-    max_new_tokens: int = option(512, "Longest response, in tokens.")
-    temperature: float = option(1.0, "Sampling temperature; 0 = greedy.")
-    top_p: float = option(1.0, "Nucleus sampling mass.")
-    seed: int = option(0, "Sampling seed; the same seed and settings give the same pairs, interrupted or not.")
 
 
 def derived_seed(*parts) -> int:

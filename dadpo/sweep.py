@@ -25,8 +25,9 @@ from typing import Callable
 from dadpo.atomic import write_atomic
 from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
-from dadpo.recipes.dadpo import TrainConfig, cache_fingerprint, policy_start, teacher_weights, train
-from dadpo.training import run_differences
+from dadpo.config import TrainConfig
+from dadpo.recipes.dadpo import cache_fingerprint, policy_start, teacher_weights, train
+from dadpo.training.config import run_differences
 from dadpo.training.checkpoint import list_checkpoints
 from dadpo.training.run_folder import RunFolder
 

@@ -33,12 +33,31 @@ import json
 from dataclasses import dataclass, field
 
 from dadpo.errors import DadpoError
-from dadpo.pairs import Response
 
 RULE_VERSION = 2
-PROMPT_FORMATS = ("chat", "raw")
+PROMPT_FORMATS = ("chat", "raw")  # how a string prompt is read: a user turn, or text ready for the model
 # Text no template produces on its own and none of their filters (trim, split on </think>) touch.
 _MARKER = "dadpoendofturnmarker"
+
+
+@dataclass(frozen=True)
+class Response:
+    """One response of a pair: its text and, when `dadpo generate` sampled it, the sampled ids."""
+
+    text: str
+    token_ids: tuple[int, ...] | None = None  # the ids the model sampled, its stop token included
+    token_ids_vocab: str | None = None  # vocab_digest of the tokenizer the ids belong to
+    finish_reason: str = "stop"  # "length": cut at the generation limit, so no end of turn
+
+
+def pair_responses(row: dict) -> tuple[Response, Response]:
+    """The chosen and rejected Response of a normalised pairs row (a dict, as polars iter_rows(named=True) gives)."""
+    def response(side: str) -> Response:
+        ids = row.get(f"{side}_token_ids")
+        return Response(row[side], None if ids is None else tuple(ids), row.get(f"{side}_token_ids_vocab"),
+                        row.get(f"{side}_finish_reason") or "stop")
+
+    return response("chosen"), response("rejected")
 
 
 def first_line(exc: BaseException) -> str:
@@ -232,11 +251,12 @@ class ModelTokenizer:
 
     def _after_assistant_message(self) -> list[int]:
         if not hasattr(self, "_after"):
-            where = f"{self.name} (finding the end of an assistant turn)"
+            where = "finding where an assistant turn ends"
             text = self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}],
                                False, where)
             if _MARKER not in text:
-                raise DadpoError(f"{where}: its chat template does not write an assistant message's content")
+                raise DadpoError(f"{self.name}: its chat template does not write an assistant message's content, so "
+                                 "where an assistant turn ends cannot be found")
             self._after = list(self.tokenizer(text.split(_MARKER, 1)[1], add_special_tokens=False)["input_ids"])
         return self._after
 

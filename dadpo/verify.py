@@ -31,9 +31,9 @@ from dadpo.cache.layout import teacher_prefix
 from dadpo.errors import DadpoError
 from dadpo.logprobs import ResponseLogprobs, collate
 from dadpo.modeling import ResolvedModel, check_dtype, load_causal_lm, model_tokenizer, resolve_model
-from dadpo.options import REQUIRED, option
-from dadpo.pairs import decode_prompt, pair_responses
-from dadpo.tokenization import ModelTokenizer, pad_id_of
+from dadpo.config import VerifyConfig
+from dadpo.pairs import decode_prompt
+from dadpo.tokenization import ModelTokenizer, pad_id_of, pair_responses
 
 REFERENCE_COLUMNS = ["id", "ref_prompt_ids", "ref_chosen_ids", "ref_rejected_ids",
                      "ref_logp_chosen", "ref_logp_rejected", "ref_ntok_chosen", "ref_ntok_rejected"]
@@ -44,20 +44,6 @@ PAIR_COLUMNS = ["prompt", "chosen", "rejected", "chosen_token_ids", "chosen_toke
 def teacher_columns(name: str) -> list[str]:
     prefix = teacher_prefix(name)
     return [f"{prefix}_{kind}_{side}" for kind in ("logp", "ntok") for side in ("chosen", "rejected")]
-
-
-@dataclass
-class VerifyConfig:
-    cache: str = option(REQUIRED, "Cache folder (made by dadpo cache-teacher); or give it as the argument.")
-    sample: int = option(64, "Pairs to re-score (all when the cache has fewer); 0 checks integrity only.")
-    model: str | None = option(None, "Policy for the reference columns: HF hub id or local folder with the "
-                               "reference's tokenizer.", default_text="the cache's reference")
-    teacher: bool = option(False, "Also re-score every teacher's columns with the cache's teachers.")
-    dtype: str = option("float32", "Dtype to re-score in: the one you train in (float32, bfloat16, float16).")
-    batch_size: int = option(8, "Sequences per forward pass.")
-    device: str | None = option(None, "Device.", default_text="cuda if available, else cpu")
-    seed: int = option(0, "Seed of the row sample.")
-    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
 
 
 # ---------------------------------------------------------------- the statistics

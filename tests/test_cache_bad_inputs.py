@@ -13,8 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cache_checks import ENV, assert_nothing_complete, cache_args
-from conftest import REPO, assert_one_line_error, run_cli, write_jsonl
+from support import ENV, REPO, assert_nothing_complete, assert_one_line_error, cache_args, run_cli, write_jsonl
 
 GOOD = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
 
@@ -101,10 +100,11 @@ def test_bad_flags(models, pairs_file, tmp_path, case):
 @pytest.fixture(scope="module")
 def bad_models(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_models")
-    # A chat template whose full conversation does not start with the rendered prompt.
+    # A chat template that refuses system turns (as Gemma 2's does); the pairs file has some.
     broken = shutil.copytree(models["student"], root / "broken_template")
     template = (broken / "chat_template.jinja").read_text()
-    (broken / "chat_template.jinja").write_text("{%- if not add_generation_prompt -%}[conversation]{%- endif -%}"
+    (broken / "chat_template.jinja").write_text("{%- if messages[0]['role'] == 'system' -%}"
+                                                "{{- raise_exception('System role not supported') -}}{%- endif -%}"
                                                 + template)
     no_tokenizer = shutil.copytree(models["teacher"], root / "no_tokenizer")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -124,9 +124,9 @@ def bad_models(models, tmp_path_factory):
 
 
 BAD_MODELS = {
-    "template prefix failure": ("--reference", "broken_template",
-                                ["row id 'tiny-0-00000'", "--reference", "broken_template",
-                                 "does not start with its rendering of the prompt", "--no-chat-template"]),
+    "template refusing a conversation": ("--reference", "broken_template",
+                                         ["row id 'tiny-0-000", "--reference", "broken_template",
+                                          "refuses this conversation", "TemplateError: System role not supported"]),
     "model path does not exist": ("--teacher", "missing", ["--teacher", "no_such_model: no such folder"]),
     "model folder without tokenizer": ("--teacher", "no_tokenizer", ["--teacher", "no tokenizer in"]),
     "folder that is not a model": ("--reference", "not_a_model", ["--reference", "has no config.json"]),

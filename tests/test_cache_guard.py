@@ -12,13 +12,10 @@ from transformers import AutoTokenizer
 
 from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
-from dadpo.pairs import load_pairs, prompt_messages
-from dadpo.tokenization import tokenize_example
-
-from cache_checks import cache_args, shard_rows
-from conftest import assert_one_line_error, run_cli, write_jsonl
+from support import assert_one_line_error, cache_args, run_cli, shard_rows, write_jsonl
 
 QUESTION = [{"role": "user", "content": "Q"}]
+END_OF_TURN = {"teacher": "<|im_end|>", "reference": "</s>"}
 
 
 def _pairs() -> list[dict]:
@@ -34,13 +31,17 @@ def _pairs() -> list[dict]:
     return short[:2] + [long_for_teacher] + short[2:3] + [long_for_student, long_for_both] + short[3:]
 
 
-def _longest(tokenizer, pair) -> int:
-    prompt = prompt_messages(pair["prompt"])
-    lengths = []
-    for response in (pair["chosen"], pair["rejected"]):
-        prompt_ids, response_ids = tokenize_example(tokenizer, prompt, response, chat=True)
-        lengths.append(len(prompt_ids) + len(response_ids))
-    return max(lengths)
+def _ids(tokenizer, role, prompt, response) -> tuple[list[int], list[int]]:
+    """Rule v2 written out: the rendered generation prompt; the response's tokens, then the end of turn."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return (tokenizer(text, add_special_tokens=False)["input_ids"],
+            response_ids + [tokenizer.convert_tokens_to_ids(END_OF_TURN[role])])
+
+
+def _longest(tokenizer, role, pair) -> int:
+    return max(sum(map(len, _ids(tokenizer, role, pair["prompt"], pair[side]))) for side in ("chosen", "rejected"))
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,7 @@ def length_case(models, tmp_path_factory):
     pairs_file = write_jsonl(root / "pairs.jsonl", _pairs())
     tokenizers = {role: AutoTokenizer.from_pretrained(models[name]) for role, name in
                   (("teacher", "teacher"), ("reference", "student"))}
-    rows = load_pairs(pairs_file).frame.to_dicts()
-    lengths = {row["id"]: {role: _longest(tok, row) for role, tok in tokenizers.items()} for row in rows}
+    lengths = {row["id"]: {role: _longest(tok, role, row) for role, tok in tokenizers.items()} for row in _pairs()}
     by_teacher, by_student = lengths["long-for-teacher"], lengths["long-for-student"]
     max_length = max(by_teacher["reference"], by_student["teacher"])
     # Preconditions of the test itself: each of these pairs is over on exactly one side.
@@ -78,19 +78,18 @@ def test_length_rule_drops_pairs_over_on_either_side_and_never_truncates(length_
     for row in rows.iter_rows(named=True):  # whole responses, on both sides
         for prefix, role in (("teacher", "teacher"), ("ref", "reference")):
             for side in ("chosen", "rejected"):
-                prompt_ids, response_ids = tokenize_example(tokenizers[role], prompt_messages(row["prompt"]),
-                                                            row[side], chat=True)
+                prompt_ids, response_ids = _ids(tokenizers[role], role, json.loads(row["prompt"]), row[side])
                 assert row[f"{prefix}_ntok_{side}"] == len(response_ids)
                 assert len(prompt_ids) + len(response_ids) <= max_length
-        assert row["ref_chosen_ids"] == tokenize_example(tokenizers["reference"], prompt_messages(row["prompt"]),
-                                                         row["chosen"], chat=True)[1]
+        assert row["ref_chosen_ids"] == _ids(tokenizers["reference"], "reference", json.loads(row["prompt"]),
+                                             row["chosen"])[1]
 
 
 def test_on_overlong_error_stops_before_writing_anything(models, length_case, tmp_path):
     pairs_file, _, max_length, _, _ = length_case
     out = tmp_path / "cache"
     result = run_cli(*cache_args(pairs_file, models, out, "--max-length", max_length, "--on-overlong", "error"))
-    assert_one_line_error(result, "pairs.jsonl row id 'long-for-teacher'", "teacher tokenizer",
+    assert_one_line_error(result, "pairs.jsonl row id 'long-for-teacher'", "under the teacher tokenizer",
                           f"exceed --max-length {max_length}")
     assert not out.exists()
 
@@ -110,7 +109,7 @@ def test_guard_names_every_changed_setting(models, length_case, tmp_path):
                   "reference weights digest", "reference dtype"):
         assert named in line
     # Only what changed is named: same teacher, same tokenizers, same number of pairs.
-    for unchanged in ("teacher model", "tokenizer", "number of pairs", "backend"):
+    for unchanged in ("teacher model", "tokenizer,", "number of pairs", "backend"):
         assert unchanged not in line
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 

@@ -1,25 +1,28 @@
-"""cache-teacher survives kill -9 and resumes to exactly the uninterrupted result; a re-run
-adopts shards written just before a crash, recomputes altered ones, and clears dead temp files;
---num-workers N --worker-index I processes fill one folder, equal to a one-worker run, and
-training refuses the folder until every worker's shards are there."""
+"""cache-teacher survives kill -9 and stop signals and resumes to exactly the uninterrupted result;
+a re-run adopts shards written just before a crash, recomputes altered ones, and clears dead temp
+files; --num-workers N --worker-index I processes fill one folder, equal to a one-worker run, a
+second process with the same --worker-index is refused (a dead one's claim is not), and training
+refuses the folder until every worker's shards are there."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from dadpo.atomic import temp_path
-from dadpo.cache import open_cache
-from dadpo.cache_teacher import CacheTeacherConfig, cache_teacher
+from dadpo.cache import CacheTeacherConfig, cache_teacher, open_cache
 from dadpo.errors import DadpoError
+from dadpo.stop import EXIT_STOPPED
 from dadpo.tiny import make_tiny_pairs
-
-from cache_checks import assert_same_cache, cache_args, kill_when, leftovers, start_cli
-from conftest import assert_one_line_error, run_cli, write_jsonl
+from support import (assert_one_line_error, assert_same_cache, cache_args, kill_when, leftovers, run_cli,
+                     signal_when, start_cli, write_jsonl)
 
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -48,7 +51,7 @@ def test_kill_9_at_several_points_then_resume_equals_clean_run(models, pairs24, 
     args = cache_args(pairs24, models, out, "--quiet")
     kill_points = {
         "first teacher part written": _any(out / "work" / "teacher"),
-        "mid reference pass": _any(out / "work" / "reference"),
+        "mid reference pass": _any(out / "work" / "ref"),
         "first final shard written": _any(out / "shards"),
     }
     killed = {}
@@ -69,9 +72,27 @@ def test_kill_9_at_several_points_then_resume_equals_clean_run(models, pairs24, 
     assert_same_cache(out, clean)
 
 
-def _library_config(pairs, models, out) -> CacheTeacherConfig:
-    return CacheTeacherConfig(pairs=str(pairs), teacher=str(models["teacher"]), reference=str(models["student"]),
-                              out=str(out), backend="hf", shard_size=4, progress=False)
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_finishes_the_shard_in_flight_and_exits_75(models, pairs24, clean, tmp_path, signal_number):
+    out = tmp_path / "cache"
+    args = cache_args(pairs24, models, out, "--quiet")
+    process = start_cli(*args)
+    assert signal_when(process, _any(out / "work" / "teacher"), signal_number)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == EXIT_STOPPED, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "stopped by SIG" in lines[0] and "re-run the same command" in lines[0], stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"]
+    assert not list(out.rglob("*.tmp"))  # the shard in flight was finished (or abandoned), never half-written
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert_same_cache(out, clean)
+
+
+def _library_config(pairs, models, out, **extra) -> CacheTeacherConfig:
+    return CacheTeacherConfig(pairs=str(pairs), teacher=[str(models["teacher"])], reference=str(models["student"]),
+                              out=str(out), backend="hf", shard_size=4, progress=False, **extra)
 
 
 def _dead_pid() -> int:
@@ -172,3 +193,29 @@ def test_train_from_the_workers_cache_and_no_pickle_anywhere(two_workers_at_once
         assert head not in PICKLE_MAGIC, path
         if head == b"PK":  # torch.save writes a zip holding data.pkl
             assert b"data.pkl" not in path.read_bytes(), path
+
+
+def test_a_second_process_with_the_same_worker_index_is_refused(models, pairs24, tmp_path):
+    out = tmp_path / "cache"
+    first = start_cli(*cache_args(pairs24, models, out, "--quiet", "--num-workers", 2, "--worker-index", 0))
+    claim = out / ".claims" / "worker-0-of-2.json"
+    try:
+        assert signal_when(first, claim.exists, signal_number=0)  # signal 0: only wait for the claim
+        second = run_cli(*cache_args(pairs24, models, out, "--quiet", "--num-workers", 2, "--worker-index", 0))
+        assert_one_line_error(second, "--worker-index 0", "already running", f"host {socket.gethostname()}",
+                              f"pid {first.pid}")
+    finally:
+        first.wait(timeout=600)
+    assert first.returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["index"] for s in manifest["shards"]] == [0, 2, 4]  # the first worker's shards, once each
+
+
+def test_a_dead_process_claim_does_not_block_a_rerun(models, pairs24, clean, tmp_path):
+    out = tmp_path / "cache"
+    (out / ".claims").mkdir(parents=True)
+    (out / ".claims" / "worker-0-of-1.json").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": _dead_pid(), "started": "2026-01-01T00:00:00"}))
+    summary = cache_teacher(_library_config(pairs24, models, out))
+    assert summary.complete
+    assert_same_cache(out, clean)

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from cache_checks import cache_args
-from conftest import REPO, assert_one_line_error, run_cli, write_jsonl
+from support import cache_args
+from support import REPO, assert_one_line_error, run_cli, write_jsonl
 
 CUSTOM_CODE = '''
 import os, pathlib

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dadpo.cache import open_cache
-from dadpo.train import global_batch_rows, split_eval
+from dadpo.training.data import global_batch_rows, split_eval
 
-from conftest import assert_one_line_error, run_cli, write_jsonl
+from support import assert_one_line_error, naive_logprob, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,6 @@ def cache_dir(models, pairs_file, tmp_path_factory):
     assert result.returncode == 0, result.stderr
     assert "40 pairs cached" in result.stdout and "complete" in result.stdout
     return out
-
-
-def sequence_logprob(model, ids: list[int], start: int) -> float:
-    with torch.no_grad():
-        logprobs = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
-    return float(sum(logprobs[t - 1, ids[t]] for t in range(start, len(ids))))
 
 
 def test_first_logged_loss_equals_independent_computation(models, cache_dir, tmp_path):
@@ -54,8 +48,8 @@ def test_first_logged_loss_equals_independent_computation(models, cache_dir, tmp
     losses = []
     for row in rows.iter_rows(named=True):
         prompt = row["ref_prompt_ids"]
-        h_policy = (sequence_logprob(policy, prompt + row["ref_chosen_ids"], len(prompt))
-                    - sequence_logprob(policy, prompt + row["ref_rejected_ids"], len(prompt)))
+        h_policy = (naive_logprob(policy, prompt, row["ref_chosen_ids"])
+                    - naive_logprob(policy, prompt, row["ref_rejected_ids"]))
         h_ref = row["ref_logp_chosen"] - row["ref_logp_rejected"]
         h_teacher = row["teacher_logp_chosen"] - row["teacher_logp_rejected"]
         u = beta1 * (h_policy - h_ref) + beta2 * (h_policy - h_teacher)

@@ -12,7 +12,7 @@ import json
 import polars as pl
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli, write_jsonl
+from support import run_cli, write_jsonl
 from dadpo.pairs import load_pairs
 from dadpo.tiny import make_tiny_pairs
 

@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import assert_one_line_error, run_cli, write_jsonl
+from support import assert_one_line_error, run_cli, write_jsonl
 from dadpo.errors import DadpoError
-from dadpo.generate import (METADATA_KEY, GenerateConfig, generate_pairs, load_prompts, read_generation_settings,
-                            work_dir)
-from dadpo.pairs import load_pairs
-from dadpo.sampling import Sampling, sample_responses, stop_token_ids
-from dadpo.scoring.base import EngineOptions
+from dadpo.engine import EngineOptions
+from dadpo.generate import METADATA_KEY, GenerateConfig, generate_pairs, read_generation_settings, work_dir
+from dadpo.modeling import model_tokenizer, resolve_model
+from dadpo.pairs import load_pairs, load_prompts
+from dadpo.sampling import Sampling, sample_responses
 from dadpo.tiny import make_tiny_pairs
 
 
@@ -52,7 +52,7 @@ def test_output_is_a_pairs_file_with_settings_recorded(sampled, prompts_file, mo
     frame = pl.read_parquet(sampled)
     settings = read_generation_settings(sampled)
     assert len(pairs) + len(settings["dropped"]) == 12
-    assert set(frame["teacher_finish_reason"]) <= {"stop", "length"}
+    assert set(frame["chosen_finish_reason"]) <= {"stop", "length"}
     assert frame["source"].to_list() == [f"tiny-{int(row_id[-5:])}" for row_id in frame["id"]]  # extras travel
     assert settings["sampling"] == {"max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0, "seed": 3}
     assert settings["backend"] == "hf" and settings["teacher"]["model"] == str(models["teacher"])
@@ -61,16 +61,25 @@ def test_output_is_a_pairs_file_with_settings_recorded(sampled, prompts_file, mo
     assert not work_dir(sampled).exists()  # the progress folder goes once the output is whole
 
 
-def test_each_model_stops_at_its_end_of_turn_and_drops_special_tokens(sampled, models):
+def test_each_model_stops_at_its_end_of_turn_and_the_sampled_ids_travel(sampled, models):
+    """Each response carries its sampled ids: ending in a stop token ("stop") or cut at the limit
+    ("length"); its text is their decoding without the stop token; the vocabulary is named."""
     frame = pl.read_parquet(sampled)
     for role, column, end_of_turn in (("teacher", "chosen", "<|im_end|>"), ("student", "rejected", "</s>")):
         tokenizer = AutoTokenizer.from_pretrained(models[role])
-        assert tokenizer.convert_tokens_to_ids(end_of_turn) in stop_token_ids(tokenizer, chat=True)
-        for messages in frame[column].to_list():
-            assert messages[0]["role"] == "assistant"
-            assert not any(token in messages[0]["content"] for token in tokenizer.all_special_tokens)
-    finished = frame.filter(pl.col("teacher_finish_reason") == "stop")
-    assert finished.height + frame.filter(pl.col("teacher_finish_reason") == "length").height == frame.height
+        stops = model_tokenizer(resolve_model(str(models[role])), f"--{role}").stop_ids
+        assert tokenizer.convert_tokens_to_ids(end_of_turn) in stops
+        for row in frame.iter_rows(named=True):
+            ids, reason = row[f"{column}_token_ids"], row[f"{column}_finish_reason"]
+            assert row[column][0]["role"] == "assistant"
+            assert reason in ("stop", "length") and (ids[-1] in stops) == (reason == "stop")
+            assert not any(token in stops for token in ids[:-1])
+            body = ids[:-1] if reason == "stop" else ids
+            assert row[column][0]["content"] == tokenizer.decode(body, skip_special_tokens=False,
+                                                                 clean_up_tokenization_spaces=False)
+            assert len(ids) <= 12
+    assert frame["chosen_token_ids_vocab"].n_unique() == 1 and frame["rejected_token_ids_vocab"].n_unique() == 1
+    assert frame["chosen_token_ids_vocab"][0] != frame["rejected_token_ids_vocab"][0]
 
 
 def test_greedy_batched_equals_one_at_a_time(prompts_file, models, tmp_path):
@@ -85,7 +94,10 @@ def test_greedy_batched_equals_one_at_a_time(prompts_file, models, tmp_path):
     # the one-call sampler (used for evaluation) gives the same greedy responses
     prompts = outs[6]["prompt"].to_list()
     texts = sample_responses(str(models["teacher"]), prompts, greedy)
-    assert texts == [messages[0]["content"] for messages in outs[6]["chosen"].to_list()]
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    stops = set(model_tokenizer(resolve_model(str(models["teacher"])), "--teacher").stop_ids)
+    assert texts == [tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+                     for ids in outs[6]["chosen_token_ids"].to_list()]
 
 
 def test_seed_decides_the_samples(sampled, prompts_file, models, tmp_path):
@@ -116,8 +128,8 @@ def test_killed_run_resumes_to_the_same_pairs(prompts_file, models, sampled, tmp
     process = subprocess.Popen([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = work_dir(out) / "teacher" / "00000.parquet"
-    deadline = time.time() + 120
-    while not first.exists() and process.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -141,7 +153,7 @@ def test_prompts_file_errors(tmp_path, models):
         load_prompts(twice)
     # a pairs file works as a prompts file: its responses are not carried over
     pairs = write_jsonl(tmp_path / "pairs.jsonl", make_tiny_pairs(3))
-    assert load_prompts(pairs).frame.columns == ["id", "prompt"]
+    assert load_prompts(pairs).read().columns == ["id", "prompt"]
 
 
 def test_cli_bad_input_is_one_line(tmp_path, prompts_file, models):
@@ -165,7 +177,7 @@ def test_jsonl_output_with_sidecar(prompts_file, models, tmp_path):
 _VLLM_SCRIPT = """
 import json, sys
 from dadpo.sampling import Sampling, sample_responses
-from dadpo.scoring.base import EngineOptions
+from dadpo.engine import EngineOptions
 if __name__ == "__main__":  # vLLM spawns processes
     prompts = json.loads(sys.argv[2])
     greedy = Sampling(max_new_tokens=10, temperature=0.0)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dadpo.logprobs import ResponseLogprobs, collate
 from dadpo.modeling import resolve_model
 from dadpo.pairs import prompt_messages
-from dadpo.scoring.base import EngineOptions, ModelSpec
+from dadpo.engine import EngineOptions
 from dadpo.scoring.hf import HFScorer
 from dadpo.tiny import make_tiny_pairs
 from dadpo.pairs import load_pairs

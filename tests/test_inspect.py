@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from conftest import assert_one_line_error, run_cli
-from dadpo.cache_teacher import CacheTeacherConfig, cache_teacher
+from support import assert_one_line_error, run_cli
+from dadpo.cache import CacheTeacherConfig, cache_teacher
 from dadpo.errors import DadpoError
 from dadpo.inspect_cache import QUANTILES, format_report, inspect_cache, plot_histograms
-from dadpo.scoring.base import EngineOptions
+from dadpo.engine import EngineOptions
 
 
 @pytest.fixture(scope="module")

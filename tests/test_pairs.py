@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_datasets, write_json, write_jsonl, write_parquet
+from support import write_datasets, write_json, write_jsonl, write_parquet
 from dadpo.errors import DadpoError
 from dadpo.pairs import RESPONSE_COLUMNS, Pairs, decode_prompt, load_pairs
 

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, kill_when, write_data_folder, write_datasets, write_json, write_jsonl, write_parquet
+from support import REPO, kill_when, write_data_folder, write_datasets, write_json, write_jsonl, write_parquet
 from dadpo.atomic import sweep_temp_files
 from dadpo.errors import DadpoError
 from dadpo.pairs import (RESPONSE_COLUMNS, Response, decode_prompt, load_pairs, load_prompts,

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_one_line_error, run_cli, write_jsonl
+from support import assert_one_line_error, run_cli, write_jsonl
 from dadpo.errors import DadpoError
 from dadpo.logprobs import ResponseLogprobs, collate
-from dadpo.pairs import load_pairs
-from dadpo.sft import SftConfig, sft, tokenize_pairs
+from dadpo.config import SftConfig
+from dadpo.recipes.sft import sft
 from dadpo.tiny import make_tiny_pairs
-from dadpo.training import global_batch_rows, split_eval
+from dadpo.training.data import global_batch_rows, split_eval
 
 
 def _mean_nll(model_dir, rows: pl.DataFrame, pad_id: int) -> float:
@@ -37,8 +37,26 @@ def sft_run(models, pairs_file, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenized(models, pairs_file):
+    """The student's (prompt, response) ids of every pair by rule v2, written out here: the rendered
+    generation prompt, then the teacher's response tokens and the end-of-turn token; pairs over 160
+    tokens dropped."""
     tokenizer = AutoTokenizer.from_pretrained(models["student"])
-    rows, dropped = tokenize_pairs(load_pairs(pairs_file).frame, tokenizer, True, 160, "drop", str(pairs_file))
+    ids, prompts, responses, dropped = [], [], [], []
+    for line in pairs_file.read_text().splitlines():
+        pair = json.loads(line)
+        messages = [{"role": "user", "content": pair["prompt"]}] if isinstance(pair["prompt"], str) else pair["prompt"]
+        chosen = pair["chosen"] if isinstance(pair["chosen"], str) else pair["chosen"][0]["content"]
+        prompt_ids = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                               add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt_ids) + len(response_ids) > 160:
+            dropped.append(pair["id"])
+            continue
+        ids.append(pair["id"])
+        prompts.append(prompt_ids)
+        responses.append(response_ids)
+    rows = pl.DataFrame({"id": ids, "prompt_ids": prompts, "response_ids": responses,
+                         "response_tokens": [len(r) for r in responses]})
     return rows, dropped, tokenizer.pad_token_id
 
 

@@ -18,6 +18,7 @@ CONVERSATIONS = [
      {"role": "user", "content": "Spell café in upper case."}],
 ]
 RESPONSES = ["elppa", "The answer is 42.", "CAFÉ — naïve 日本語 🚀"]
+Q = [{"role": "user", "content": "q"}]
 
 
 def rule(path, **kwargs):
@@ -86,25 +87,26 @@ def test_non_ascii_round_trips(models, tokenizers):
     text = "CAFÉ — naïve 日本語 🚀 ¿qué?"
     for name, tok in tokenizers.items():
         model = rule(models[name])
-        response_ids = model.encode_response(Response(text), model.encode_prompt("q", "h"), "h")
+        response_ids = model.encode_response(Response(text), model.encode_prompt(Q, "h"), "h")
         assert tok.decode(response_ids[:-1]) == text
         assert tok.unk_token_id is None or tok.unk_token_id not in response_ids
 
 
 def test_cut_responses_get_no_end_of_turn_and_sampled_ids_are_kept(models, tokenizers):
     tok, model = tokenizers["teacher"], rule(models["teacher"])
-    prompt_ids = model.encode_prompt("q", "h")
-    assert model.encode_response(Response("abc", finish_reason="length"), prompt_ids, "h") == ids(tok, "abc")
+    prompt_ids = model.encode_prompt(Q, "h")
+    assert model.encode_response(Response("question", finish_reason="length"), prompt_ids, "h") == \
+        ids(tok, "question")
     # a non-canonical tokenization, as a model can sample it: one byte token per character
-    sampled = [tok.convert_tokens_to_ids(c) for c in "abc"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    assert sampled[:3] != ids(tok, "abc")
-    carried = Response("abc", tuple(sampled), vocab_digest(tok), "stop")
+    sampled = [tok.convert_tokens_to_ids(c) for c in "question"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert sampled[:-1] != ids(tok, "question")
+    carried = Response("question", tuple(sampled), vocab_digest(tok), "stop")
     assert model.encode_response(carried, prompt_ids, "h") == sampled
     # ids of another vocabulary, or ids that no longer decode to the text, are not used
-    other = Response("abc", tuple(sampled), "0" * 64, "stop")
-    edited = Response("abd", tuple(sampled), vocab_digest(tok), "stop")
-    assert model.encode_response(other, prompt_ids, "h") == ids(tok, "abc") + sampled[-1:]
-    assert model.encode_response(edited, prompt_ids, "h") == ids(tok, "abd") + sampled[-1:]
+    other = Response("question", tuple(sampled), "0" * 64, "stop")
+    edited = Response("questions", tuple(sampled), vocab_digest(tok), "stop")
+    assert model.encode_response(other, prompt_ids, "h") == ids(tok, "question") + sampled[-1:]
+    assert model.encode_response(edited, prompt_ids, "h") == ids(tok, "questions") + sampled[-1:]
 
 
 # ---------------------------------------------------------------- templates that behave like real ones
@@ -131,11 +133,11 @@ def test_thinking_switch(templated):
     on, off = rule(templated["thinking_switch"]), rule(templated["thinking_switch"],
                                                        template_kwargs={"enable_thinking": False})
     tok = on.tokenizer
-    assert tok.decode(on.encode_prompt("q", "h")).endswith("<|im_start|>assistant\n")
-    assert tok.decode(off.encode_prompt("q", "h")).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(on.encode_prompt(Q, "h")).endswith("<|im_start|>assistant\n")
+    assert tok.decode(off.encode_prompt(Q, "h")).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert on.digest != off.digest and on.record()["template_kwargs"] == {}
     # an answer without reasoning is scored as written, not as the template would render it
-    answer = off.encode_response(Response("Four."), off.encode_prompt("q", "h"), "h")
+    answer = off.encode_response(Response("Four."), off.encode_prompt(Q, "h"), "h")
     assert tok.decode(answer) == "Four.<|im_end|>"
 
 
@@ -150,8 +152,8 @@ def test_trim_applies_to_the_prompt_not_the_response(templated):
 
 def test_date_is_pinned(templated):
     march, june = (rule(templated["trim_date"], template_date=date) for date in ("2026-03-01", "2026-06-30"))
-    assert "Today Date: 01 Mar 2026" in march.tokenizer.decode(march.encode_prompt("q", "h"))
-    assert "Today Date: 30 Jun 2026" in june.tokenizer.decode(june.encode_prompt("q", "h"))
+    assert "Today Date: 01 Mar 2026" in march.tokenizer.decode(march.encode_prompt(Q, "h"))
+    assert "Today Date: 30 Jun 2026" in june.tokenizer.decode(june.encode_prompt(Q, "h"))
     assert march.digest != june.digest and march.record()["template_date"] == "2026-03-01"
     # a template without a date ignores the pin
     assert rule(templated["effort"], template_date="2026-03-01").template_date is None
@@ -159,8 +161,8 @@ def test_date_is_pinned(templated):
 
 def test_template_variables(templated):
     default, high = rule(templated["effort"]), rule(templated["effort"], template_kwargs={"reasoning_effort": "high"})
-    assert "Reasoning: medium" in default.tokenizer.decode(default.encode_prompt("q", "h"))
-    assert "Reasoning: high" in high.tokenizer.decode(high.encode_prompt("q", "h"))
+    assert "Reasoning: medium" in default.tokenizer.decode(default.encode_prompt(Q, "h"))
+    assert "Reasoning: high" in high.tokenizer.decode(high.encode_prompt(Q, "h"))
 
 
 @pytest.mark.parametrize("conversation, message", [

@@ -10,10 +10,11 @@ import sys
 import pytest
 
 from dadpo.errors import DadpoError
-from dadpo.train import TrainConfig, train
+from dadpo.recipes.dadpo import TrainConfig, train
 
-from conftest import REPO
-from train_checks import ENV, assert_same_steps, cache_dir, metrics, one_thread, train_cli  # noqa: F401  (fixtures)
+from support import ENV, REPO, assert_same_steps, metrics, train_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:

@@ -12,15 +12,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
-from dadpo.logprobs import ResponseLogprobs, check_packing, collate
-from dadpo.modeling import resolve_model
-from dadpo.pairs import load_pairs, prompt_messages
-from dadpo.tokenization import tokenize_example
-from dadpo.train import TrainConfig, train
-from dadpo.training import _probe_sequences, global_batch_rows, load_policy_model, split_eval
+from dadpo.logprobs import ResponseLogprobs, check_packing, collate, probe_pairs
+from dadpo.modeling import load_policy, resolve_model
+from dadpo.recipes.dadpo import TrainConfig, train
+from dadpo.training.data import global_batch_rows, split_eval
 
-from conftest import assert_one_line_error, run_cli
-from train_checks import assert_same_steps, cache_dir, metrics, one_thread, sequence_logprob, train_cli  # noqa: F401  (fixtures)
+from support import assert_one_line_error, assert_same_steps, metrics, naive_logprob, run_cli, train_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def settings(cache_dir, models, **changes) -> dict:
@@ -69,8 +68,8 @@ def test_gradient_checkpointing_gives_the_same_step(cache_dir, models, baseline,
     run = tmp_path / "gc"
     train(TrainConfig(out=str(run), gradient_checkpointing=True, **settings(cache_dir, models)))
     assert_same_steps(metrics(run)[:1], metrics(baseline)[:1], keys=("loss", "grad_norm"), tolerance=1e-6)
-    lm = load_policy_model(TrainConfig(out=str(tmp_path / "unused"), gradient_checkpointing=True,
-                                       **settings(cache_dir, models)), resolve_model(str(models["student_b"])))
+    lm = load_policy(TrainConfig(out=str(tmp_path / "unused"), gradient_checkpointing=True,
+                                 **settings(cache_dir, models)), resolve_model(str(models["student_b"])))
     assert lm.is_gradient_checkpointing
 
 
@@ -84,13 +83,13 @@ def test_bf16_mixed_precision_autocasts(cache_dir, models, baseline, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["student", "teacher"])  # tiny Qwen3 and tiny Llama
-def test_packed_logprobs_equal_padded(models, pairs_file, family):
+def test_packed_logprobs_equal_padded(models, cache_dir, family):
     tokenizer = AutoTokenizer.from_pretrained(models[family])
-    sequences = []
-    for prompt, chosen, rejected in load_pairs(pairs_file).frame.select("prompt", "chosen", "rejected").iter_rows():
-        for response in (chosen, rejected):
-            sequences.append(tokenize_example(tokenizer, prompt_messages(prompt), response, chat=True))
-    sequences = sequences[:10]
+    rows = open_cache(cache_dir).read().head(5)  # real chat-template sequences (the reference tokenization)
+    sequences = [(p, r) for p, c, rj in rows.select("ref_prompt_ids", "ref_chosen_ids", "ref_rejected_ids").iter_rows()
+                 for r in (c, rj)]
+    if family == "teacher":  # the same lengths, in the teacher's vocabulary
+        sequences = [([i % tokenizer.vocab_size for i in p], [i % tokenizer.vocab_size for i in r]) for p, r in sequences]
     assert len({len(p) + len(r) for p, r in sequences}) > 3  # mixed lengths: padding matters
     logprobs = ResponseLogprobs(AutoModelForCausalLM.from_pretrained(models[family], dtype=torch.float32)).eval()
     with torch.no_grad():
@@ -117,7 +116,7 @@ def test_packing_is_refused_where_the_model_cannot_separate_sequences():
         torch.manual_seed(0)
         logprobs = ResponseLogprobs(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes)))
         with pytest.raises(DadpoError, match=f"--packing: tiny-{model_type} {messages[model_type]}.*without --packing"):
-            check_packing(logprobs, _probe_sequences(300), "cpu", f"tiny-{model_type}")
+            check_packing(logprobs, [(p, c) for p, c, _ in probe_pairs(300)], "cpu", f"tiny-{model_type}")
 
 
 def test_mean_normalised_loss_equals_hand_computation(cache_dir, models, tmp_path):
@@ -132,8 +131,8 @@ def test_mean_normalised_loss_equals_hand_computation(cache_dir, models, tmp_pat
     for row in rows.iter_rows(named=True):
         assert row["ref_ntok_chosen"] == len(row["ref_chosen_ids"])  # the policy reads the reference tokenization
         prompt = row["ref_prompt_ids"]
-        policy_c = sequence_logprob(policy, prompt, row["ref_chosen_ids"]) / row["ref_ntok_chosen"]
-        policy_r = sequence_logprob(policy, prompt, row["ref_rejected_ids"]) / row["ref_ntok_rejected"]
+        policy_c = naive_logprob(policy, prompt, row["ref_chosen_ids"]) / row["ref_ntok_chosen"]
+        policy_r = naive_logprob(policy, prompt, row["ref_rejected_ids"]) / row["ref_ntok_rejected"]
         h_policy = policy_c - policy_r
         h_ref = row["ref_logp_chosen"] / row["ref_ntok_chosen"] - row["ref_logp_rejected"] / row["ref_ntok_rejected"]
         h_teacher = (row["teacher_logp_chosen"] / row["teacher_ntok_chosen"]

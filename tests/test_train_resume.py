@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dadpo.checkpoint import list_checkpoints
+from dadpo.training.checkpoint import list_checkpoints
 from dadpo.errors import DadpoError
-from dadpo.train import TrainConfig, train
+from dadpo.recipes.dadpo import TrainConfig, train
 
-from conftest import assert_one_line_error, run_cli
-from train_checks import ENV, assert_same_steps, cache_dir, kill_when, metrics, one_thread, start_cli  # noqa: F401  (fixtures)
+from support import ENV, assert_one_line_error, assert_same_steps, kill_when, metrics, run_cli, start_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 8
 

@@ -11,10 +11,10 @@ import pytest
 
 from dadpo.errors import DadpoError
 from dadpo.sweep import run_sweep
-from dadpo.train import TrainConfig
+from dadpo.recipes.dadpo import TrainConfig
+from support import ENV, assert_one_line_error, metrics, run_cli
 
-from conftest import assert_one_line_error, run_cli
-from train_checks import ENV, metrics, one_thread  # noqa: F401  (fixtures)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

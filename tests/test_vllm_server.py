@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import free_port
+from support import free_port
 from dadpo.errors import DadpoError
 from dadpo.modeling import resolve_model
-from dadpo.scoring.base import EngineOptions, ModelSpec
+from dadpo.engine import EngineOptions
 from dadpo.scoring.hf import HFScorer
 from dadpo.scoring.server import ServerScorer, probe_server
 from dadpo.tiny import make_tiny_pairs

@@ -5,7 +5,8 @@ layout.py names, columns, versions · manifest.py what produced the numbers · s
 orchestration · claims.py one process per worker index.
 """
 
-from dadpo.cache.build import CacheSummary, CacheTeacherConfig, cache_teacher
+from dadpo.cache.build import CacheSummary, cache_teacher
+from dadpo.config import CacheTeacherConfig
 from dadpo.cache.shards import Cache, open_cache
 
 __all__ = ["Cache", "open_cache", "cache_teacher", "CacheTeacherConfig", "CacheSummary"]

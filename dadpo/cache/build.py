@@ -38,74 +38,16 @@ from dadpo.cache.manifest import (differences, forget_shard, locked, manifest_pa
                                   record_shard, write_dropped_ids)
 from dadpo.cache.passes import PassJob, Side, plan_shard, run_pass
 from dadpo.cache.shards import assemble_shard, check_shard, shard_entry, whole_unrecorded_shard
-from dadpo.engine import EngineOptions
 from dadpo.errors import DadpoError
 from dadpo.modeling import check_dtype, check_model_folder, max_positions, resolve_model, resolved_dtype, weights_digest
-from dadpo.options import REQUIRED, option
-from dadpo.pairs import PROMPT_FORMATS, load_pairs
+from dadpo.config import CacheTeacherConfig
+from dadpo.pairs import load_pairs
 from dadpo.runner import run_passes
 from dadpo.scoring import BACKENDS, backend_version, pick_backend
 from dadpo.scoring.server import probe_server
-from dadpo.tokenization import check_date, parse_template_kwargs, today
+from dadpo.tokenization import PROMPT_FORMATS, check_date, parse_template_kwargs, today
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-
-
-@dataclass
-class CacheTeacherConfig:
-    pairs: str = option(REQUIRED, "Pairs file: .parquet, .jsonl, .json, a datasets.save_to_disk folder, a folder of "
-                        "data files or a Hub dataset id (with --pairs-split), in any TRL preference layout: prompt + "
-                        "chosen (teacher response) + rejected (student response) [+ id], or whole conversations. "
-                        "See data_specs/pairs.v2.md.")
-    reference: str = option(REQUIRED, "Reference model (the dSFT student): HF hub id or local folder.")
-    out: str = option(REQUIRED, "Cache folder to create or resume.")
-    teacher: list = option(help="Teacher model: HF hub id or local folder; NAME=MODEL to cache several teachers "
-                           "(repeat the flag). Without --teacher only the reference is cached (plain DPO).",
-                           factory=list, metavar="[NAME=]MODEL")
-    teacher_url: list = option(help="Score that teacher through a running OpenAI-compatible vLLM server at URL "
-                               "([NAME=]URL, repeatable); --teacher still names its tokenizer.", factory=list,
-                               metavar="[NAME=]URL")
-    reference_url: str | None = option(None, "Score the reference through a running vLLM server at this URL; "
-                                       "--reference still names its tokenizer.")
-    pairs_split: str | None = option(None, "Split to read from a Hub dataset id or a folder of data files "
-                                     "(datasets.load_dataset); for a save_to_disk DatasetDict.", default_text="train")
-    prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by each model's chat "
-                                "template; raw: string prompts are already-formatted text (TRL's meaning).",
-                                choices=PROMPT_FORMATS)
-    backend: str = option("auto", "auto (vllm when installed, else hf), hf or vllm.", choices=BACKENDS)
-    dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
-    teacher_revision: list = option(help="Hub revision (branch, tag or commit) of the teacher ([NAME=]REV).",
-                                    factory=list, metavar="[NAME=]REV")
-    reference_revision: str | None = option(None, "Hub revision of the reference.")
-    teacher_template_kwargs: list = option(help="The teacher's chat-template variables as JSON ([NAME=]JSON), e.g. "
-                                           "'{\"enable_thinking\": false}' or '{\"reasoning_effort\": \"high\"}'.",
-                                           factory=list, metavar="[NAME=]JSON")
-    reference_template_kwargs: str | None = option(None, "The reference's chat-template variables as JSON.")
-    template_date: str | None = option(None, "Date (YYYY-MM-DD) that templates which write today's date render; "
-                                       "pinned in the manifest.", default_text="the cache's, the pairs' generate "
-                                       "date, or today")
-    max_length: int | None = option(None, "Max prompt+response tokens, checked under every model's tokenizer; a pair "
-                                    "over it on any side is dropped whole (never truncated).",
-                                    default_text="the models' limit")
-    on_overlong: str = option("drop", "drop: skip over-long pairs (ids in CACHE/dropped_ids.txt); error: stop at the "
-                              "first one.", choices=("drop", "error"))
-    shard_size: int = option(1000, "Pairs per shard: the unit of progress kept across crashes.")
-    num_workers: int = option(1, "Split the work over N independent processes (one per GPU, SLURM array, ...).")
-    worker_index: int = option(0, "This process's index in 0..N-1.")
-    reuse_from: list = option(help="An earlier cache whose scores are copied instead of computed, for every sequence "
-                              "it scored under the same model weights, dtype and engine (repeatable).",
-                              factory=list, metavar="OLD_CACHE")
-    server_concurrency: int = option(8, "Requests in flight per server (--teacher-url/--reference-url).")
-    server_timeout: float = option(300.0, "Seconds before a server request is retried.")
-    plan_only: bool = option(False, "Tokenize every pending pair for every model (templates, length rule) into "
-                             "CACHE/work and stop before any model loads: a dry run that finds bad pairs early; the "
-                             "real run reuses the plan.")
-    overwrite: bool = option(False, "Delete an existing cache in --out and start over (one worker only: run it "
-                             "before launching the others).")
-    no_chat_template: bool = option(False, "Plain mode: ignore the models' chat templates.")
-    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
-    engine: EngineOptions = option(help="", factory=EngineOptions)
-    progress: bool = option(True, "Progress bars.", cli=False)
 
 
 @dataclass
@@ -190,7 +132,7 @@ def _build(cfg: CacheTeacherConfig, out: Path, scratch: Path, started: float) ->
                             plan_seconds=plan_seconds, planned=len(planned))
     jobs = [PassJob(side, str(out), [k for k in todo if not work_path(out, side.prefix, k).exists()], sides.backend,
                     cfg.engine, sides.max_length, cfg.trust_remote_code, cfg.progress, list(cfg.reuse_from),
-                    _server_settings(cfg, side, sides.max_length))
+                    _server_settings(cfg, side, sides.max_length), str(cfg.pairs))
             for side in sides.in_pass_order()]
     jobs = [job for job in jobs if job.shards]
     try:

@@ -13,6 +13,7 @@ Each shard's files are published whole; a pass stops after the shard in flight o
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +29,9 @@ from dadpo.cache.manifest import model_records, read_manifest, reuse_identity
 from dadpo.engine import EngineOptions
 from dadpo.errors import DadpoError
 from dadpo.modeling import ResolvedModel, model_tokenizer
-from dadpo.pairs import decode_prompt, pair_responses
+from dadpo.pairs import decode_prompt
 from dadpo.runner import Progress
-from dadpo.tokenization import ModelTokenizer, length_rule
+from dadpo.tokenization import ModelTokenizer, length_rule, pair_responses
 
 _IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -52,9 +53,17 @@ class Side:
     url: str | None = None  # scored through this OpenAI-compatible server instead of loaded
 
     def tokenizer(self, trust_remote_code: bool) -> ModelTokenizer:
-        return model_tokenizer(ResolvedModel(self.name, self.local_path, self.revision), self.flag,
-                               no_chat_template=not self.chat, template_kwargs=self.template_kwargs,
-                               template_date=self.template_date, trust_remote_code=trust_remote_code)
+        """Loaded once per process (the plan and a pass in the same process share it)."""
+        key = json.dumps([self.local_path, self.flag, self.chat, self.template_kwargs, self.template_date,
+                          trust_remote_code], sort_keys=True, default=str)
+        if key not in _LOADED:
+            _LOADED[key] = model_tokenizer(ResolvedModel(self.name, self.local_path, self.revision), self.flag,
+                                           no_chat_template=not self.chat, template_kwargs=self.template_kwargs,
+                                           template_date=self.template_date, trust_remote_code=trust_remote_code)
+        return _LOADED[key]
+
+
+_LOADED: dict[str, ModelTokenizer] = {}
 
 
 def sequence_key(prompt_ids, response_ids) -> int:
@@ -112,6 +121,7 @@ class PassJob:
     progress: bool
     reuse_from: list[str] = field(default_factory=list)
     server: dict = field(default_factory=dict)  # ServerScorer settings for a served model
+    source: str = ""  # the pairs file, for messages
 
     @property
     def role(self) -> str:
@@ -139,7 +149,7 @@ def run_pass(job: PassJob) -> dict:
             if todo.size:
                 triples = [(prompts[i], chosen[i], rejected[i]) for i in todo]
                 logps[todo, 0], logps[todo, 1] = scorer.score_pairs(triples, on_tokens=progress.tokens)
-            _refuse_non_finite(logps, table["id"].to_pylist(), k, side)
+            _refuse_non_finite(logps, table["id"].to_pylist(), k, side, job.source)
             part = pa.table({
                 "pair_index": table["pair_index"],
                 "logp_chosen": pa.array(logps[:, 0], pa.float64()), "logp_rejected": pa.array(logps[:, 1], pa.float64()),
@@ -159,15 +169,16 @@ def run_pass(job: PassJob) -> dict:
         scorer.close()
     seconds = progress.seconds()
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "sequences_scored": scored, "sequences_reused": reused}
+            "sequences_scored": scored, "sequences_reused": reused,
+            "shared_prompt_tokens": getattr(scorer, "shared_prompt_tokens", 0)}
 
 
-def _refuse_non_finite(logps: np.ndarray, ids: list[str], k: int, side: Side) -> None:
+def _refuse_non_finite(logps: np.ndarray, ids: list[str], k: int, side: Side, source: str) -> None:
     bad = np.argwhere(~np.isfinite(logps))
     if bad.size:
         row, column = bad[0]
         raise DadpoError(f"{side.flag} {side.name}: log-prob of the {'chosen' if column == 0 else 'rejected'} response "
-                         f"is {logps[row, column]} for pair id '{ids[row]}' ({len(bad)} non-finite in "
+                         f"is {logps[row, column]} for {source} row id '{ids[row]}' ({len(bad)} non-finite in "
                          f"shard {k}); the weights or the --dtype are broken for this input, and the shard was not "
                          "cached")
 

@@ -79,17 +79,23 @@ def assemble_shard(out: Path, k: int, manifest: dict, rows: pl.DataFrame, tokens
         if extra not in fixed:
             table = table.append_column(extra, columns[extra])
     file = Path(out) / shard_file(k, manifest["num_shards"])
-    digest = write_parquet_atomic(table, file)
+    # the counts travel in the file too, so a shard adopted after a crash keeps them
+    digest = write_parquet_atomic(table, file, metadata={f"dadpo.sequences_{k}": str(v) for k, v in counts.items()})
     return shard_entry(k, manifest, table.num_rows, file, dropped, digest, counts)
 
 
 def shard_entry(k: int, manifest: dict, num_rows: int, file: Path, dropped: list[str], digest: str | None = None,
                 counts: dict | None = None) -> dict:
+    """The manifest entry of shard k's file (counts: sequences scored and reused; read from the file's
+    metadata when not given)."""
     size = manifest["shard_size"]
+    if counts is None:
+        metadata = pq.read_schema(file).metadata or {}
+        counts = {kind: int(metadata.get(f"dadpo.sequences_{kind}".encode(), b"0")) for kind in ("scored", "reused")}
     return {"index": k, "file": shard_file(k, manifest["num_shards"]), "rows": num_rows,
             "pair_range": [k * size, min((k + 1) * size, manifest["pairs"]["rows"])],
             "sha256": digest or sha256_file(file), "bytes": file.stat().st_size, "dropped_ids": dropped,
-            "sequences_scored": (counts or {}).get("scored", 0), "sequences_reused": (counts or {}).get("reused", 0)}
+            "sequences_scored": counts.get("scored", 0), "sequences_reused": counts.get("reused", 0)}
 
 
 def whole_unrecorded_shard(out: Path, k: int, manifest: dict, rows: pl.DataFrame, kept: list[int]) -> pa.Table | None:

@@ -26,32 +26,11 @@ from dadpo.errors import DadpoError
 from dadpo.logprobs import ResponseBatch, collate, collate_pairs
 from dadpo.loss import METRIC_NAMES, LossOutput, check_betas, dadpo_loss, metric_sums
 from dadpo.modeling import ResolvedModel, load_tokenizer, resolve_model
-from dadpo.options import REQUIRED, option
+from dadpo.config import LOGP_NORMS, TrainConfig
 from dadpo.tokenization import pad_id_of
-from dadpo.training import LoopConfig, Trainer, per_item_means, split_eval
+from dadpo.training.data import split_eval
+from dadpo.training.trainer import Trainer, per_item_means
 
-LOGP_NORMS = ("sum", "mean")
-
-
-@dataclass(kw_only=True)
-class TrainConfig(LoopConfig):
-    """`dadpo train` flags: the generic ones (dadpo.training.LoopConfig) plus daDPO's own."""
-
-    cache: str = option(REQUIRED, "Cache folder made by dadpo cache-teacher.")
-    model: str | None = option(None, "Policy to start from: HF id or folder, with the cache's reference tokenizer.",
-                               default_text="the cache's reference")
-    beta1: float = option(0.1, "Weight of the log-ratio against the reference (dDPO term).")
-    beta2: float = option(0.01, "Weight of the log-ratio against the teacher (0 = plain DPO).")
-    teacher_weights: str | None = option(None, "Several teachers: NAME=WEIGHT,... for the teacher term's weighted "
-                                         "mean of log-probs.", default_text="equal weights")
-    min_teacher_margin: float | None = option(None, "Drop pairs whose teacher margin h_te = log te(chosen) - "
-                                              "log te(rejected) is below this (before the eval split).")
-    max_teacher_margin: float | None = option(None, "Drop pairs whose teacher margin h_te is above this.")
-    logp_norm: str = option("sum", "mean: divide each model's log-prob by its own token count "
-                            "(length-normalised variant).", choices=LOGP_NORMS)
-    start_check: int = option(16, "Pairs re-scored before step 1 with the policy, against the cached reference "
-                              "log-probs: drift (nats) and the step-0 mean implicit reward, in RUN/start_check.json. "
-                              "0: off.")
 
 
 @dataclass

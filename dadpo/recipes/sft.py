@@ -23,40 +23,16 @@ from dadpo.atomic import write_text_atomic
 from dadpo.errors import DadpoError
 from dadpo.logprobs import collate
 from dadpo.modeling import max_positions, model_tokenizer, resolve_model
-from dadpo.options import REQUIRED, option
-from dadpo.pairs import PROMPT_FORMATS, decode_prompt, load_pairs, pair_responses
-from dadpo.tokenization import check_date, length_rule, pad_id_of, parse_template_kwargs, today
-from dadpo.training import LoopConfig, Trainer, split_eval
+from dadpo.config import SftConfig
+from dadpo.pairs import decode_prompt, load_pairs
+from dadpo.tokenization import check_date, length_rule, pad_id_of, pair_responses, parse_template_kwargs, today
+from dadpo.training.data import split_eval
+from dadpo.training.trainer import Trainer
 
 DROPPED_NAME = "dropped_ids.txt"  # RUN/dropped_ids.txt: pairs left out by --max-length
 # Summed per micro-batch: NLL in nats, response tokens. (Not "tokens": the trainer's own name for
 # all tokens forwarded, prompts included.)
 METRIC_NAMES = ("loss", "response_tokens")
-
-
-@dataclass(kw_only=True)
-class SftConfig(LoopConfig):
-    """`dadpo sft` flags: the generic ones (dadpo.training.LoopConfig) plus the data's."""
-
-    pairs: str = option(REQUIRED, "Pairs file (as for cache-teacher); the student learns `chosen`, the teacher's "
-                        "response. `rejected` is not used.")
-    pairs_split: str | None = option(None, "Split of a Hub dataset id or a folder of data files given as --pairs.")
-    model: str | None = option(REQUIRED, "Student to fine-tune: HF hub id or local folder (e.g. the pruned or small "
-                               "model).")
-    lr: float = option(2e-5, "Peak learning rate (AdamW).")  # a fine-tuning rate, not daDPO's 5e-7
-    batch_size: int = option(8, "Examples per process per micro-batch.")
-    epochs: int = option(1, "Passes over the training examples.")
-    eval_fraction: float = option(0.05, "Examples held out (by id hash) for eval.")
-    max_length: int | None = option(None, "Max prompt+response tokens; longer pairs are dropped (or refused).",
-                                    default_text="the model's limit")
-    on_overlong: str = option("drop", "drop: skip over-long pairs (ids in RUN/dropped_ids.txt); error: stop at the "
-                              "first one.", choices=("drop", "error"))
-    prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by the chat template; raw: "
-                                "string prompts are already-formatted text (TRL's meaning).", choices=PROMPT_FORMATS)
-    template_kwargs: str | None = option(None, "Chat-template variables as JSON, e.g. '{\"enable_thinking\": false}'.")
-    template_date: str | None = option(None, "Date (YYYY-MM-DD) for templates that write today's date.",
-                                       default_text="today")
-    no_chat_template: bool = option(False, "Plain mode: ignore the student's chat template.")
 
 
 @dataclass

@@ -36,10 +36,12 @@ class VLLMScorer(Scorer):
 
         self._SamplingParams = SamplingParams
         fields = set(getattr(SamplingParams, "__struct_fields__", ()))
-        # Requests with prompt log-probs skip reading the prefix cache anyway; keeping it off also
-        # avoids the hashing work.
+        # Prefix caching lets a pair's second request read the KV of the prompt its first request
+        # computed (score_pairs). Requests that ask for prompt log-probs skip reading it unless
+        # they opt in (skip_reading_prefix_cache=False); score() never opts in.
+        self._share = "skip_reading_prefix_cache" in fields
         self._llm = build_llm(model.local_path, model.revision, checkpoint_dtype(model.local_path, dtype), options,
-                              trust_remote_code, max_model_len=max_model_len, enable_prefix_caching=False)
+                              trust_remote_code, max_model_len=max_model_len, enable_prefix_caching=self._share)
         engine = self._llm.llm_engine
         self.max_model_len = int(engine.model_config.max_model_len)
         self.vocab_size = int(engine.model_config.get_vocab_size())
@@ -53,17 +55,31 @@ class VLLMScorer(Scorer):
         wanted = {"prompt_logprob_token_ids", "prompt_logprob_start"}
         self._by_token_ids = wanted <= fields and _uses_v2_runner(engine)
         self._flat = "flat_logprobs" in fields
-        # The prompt_logprobs request is the same for every sequence.
-        self._shared_params = None if self._by_token_ids else self._params(0, [])
+        self.shared_prompt_tokens = 0  # prompt tokens read from the prefix cache instead of computed
 
-    def score(
-        self, sequences: Sequence[TokenizedSequence], on_tokens: Callable[[int], None] | None = None
-    ) -> np.ndarray:
+    def score(self, sequences: Sequence[TokenizedSequence], on_tokens: Callable[[int], None] | None = None,
+              share_prompts: bool = False) -> np.ndarray:
+        """share_prompts: read cached prompt KV where vLLM has it (sequences of one prompt adjacent)."""
+        result, redo = self._score(sequences, share_prompts)
+        if redo:  # the cache reached into the response: those rows were never computed, score afresh
+            again, _ = self._score([sequences[i] for i in redo], False)
+            result[redo] = again
+        if on_tokens is not None:
+            on_tokens(sum(len(p) + len(r) for p, r in sequences))
+        return result
+
+    def score_pairs(self, pairs, on_tokens: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each pair's chosen and rejected requests go next to each other, so the second reads the
+        prompt's KV from the prefix cache the first one filled (vLLM >= 0.32; checked per request)."""
+        sequences = [seq for p, c, r in pairs for seq in ((p, c), (p, r))]
+        scores = self.score(sequences, on_tokens, share_prompts=self._share)
+        return scores[0::2], scores[1::2]
+
+    def _score(self, sequences: Sequence[TokenizedSequence], share_prompts: bool) -> tuple[np.ndarray, list[int]]:
         from vllm.inputs import TokensPrompt
 
         result = np.zeros(len(sequences), dtype=np.float64)
         prompts, params, todo = [], [], []
-        num_tokens = 0
         for i, (prompt_ids, response_ids) in enumerate(sequences):
             n_prompt, length = len(prompt_ids), len(prompt_ids) + len(response_ids)
             if not response_ids:
@@ -79,24 +95,29 @@ class VLLMScorer(Scorer):
             if min(ids) < 0 or max(ids) >= self.vocab_size:
                 raise DadpoError(f"sequence {i}: token id outside the vocabulary (size {self.vocab_size})")
             prompts.append(TokensPrompt(prompt_token_ids=ids))
-            if self._shared_params is None:
-                params.append(self._params(n_prompt, ids))
+            params.append(self._params(n_prompt, ids, share_prompts))
             todo.append(i)
-            num_tokens += length
         if not prompts:
-            return result
+            return result, []
 
         # One generate call for the whole shard: vLLM schedules and batches across it.
-        sampling = params if self._shared_params is None else self._shared_params
-        outputs = self._llm.generate(prompts, sampling, use_tqdm=sys.stderr.isatty())
+        outputs = self._llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+        redo = []
         for i, prompt, out in zip(todo, prompts, outputs):
-            result[i] = self._response_logprob(len(sequences[i][0]), prompt["prompt_token_ids"], out)
-        if on_tokens is not None:
-            on_tokens(num_tokens)
-        return result
+            n_prompt, cached = len(sequences[i][0]), getattr(out, "num_cached_tokens", 0) or 0
+            if cached > n_prompt - 1:
+                # The hit covered a position whose row predicts a response token: vLLM left that row
+                # uncomputed (its V1 runner returns it uninitialised), so this request is redone.
+                redo.append(i)
+                continue
+            self.shared_prompt_tokens += cached
+            result[i] = self._response_logprob(n_prompt, prompt["prompt_token_ids"], out)
+        return result, redo
 
-    def _params(self, n_prompt: int, ids: list[int]):
+    def _params(self, n_prompt: int, ids: list[int], share_prompts: bool):
         common = dict(max_tokens=1, detokenize=False)
+        if self._share:
+            common["skip_reading_prefix_cache"] = not share_prompts
         if self._by_token_ids:
             # Row r predicts token r + 1, so the first response token (position n_prompt) is
             # predicted by row n_prompt - 1; one row per response token, one id per row.

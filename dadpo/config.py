@@ -1,0 +1,177 @@
+"""Every command's settings, declared once: each field's default and its flag help (the command
+line builds its flags from these classes, dadpo/cli/options.py). Light to import: no torch, no
+polars, so `dadpo --help` and flag errors answer at once.
+
+    CacheTeacherConfig  dadpo cache-teacher     GenerateConfig + Sampling  dadpo generate
+    TrainConfig         dadpo train, sweep      SftConfig                  dadpo sft
+    VerifyConfig        dadpo verify-cache      (the generic training flags: dadpo.training.config.LoopConfig;
+                                                 how engines run: dadpo.engine.EngineOptions)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dadpo.engine import EngineOptions
+from dadpo.options import REQUIRED, option
+from dadpo.tokenization import PROMPT_FORMATS
+from dadpo.training.config import LoopConfig
+
+LOGP_NORMS = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are drawn; temperature 0 is greedy decoding."""
+
+    max_new_tokens: int = option(512, "Longest response, in tokens.")
+    temperature: float = option(1.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = option(1.0, "Nucleus sampling mass.")
+    seed: int = option(0, "Sampling seed; the same seed and settings give the same pairs, interrupted or not.")
+
+
+@dataclass
+class CacheTeacherConfig:
+    pairs: str = option(REQUIRED, "Pairs file: .parquet, .jsonl, .json, a datasets.save_to_disk folder, a folder of "
+                        "data files or a Hub dataset id (with --pairs-split), in any TRL preference layout: prompt + "
+                        "chosen (teacher response) + rejected (student response) [+ id], or whole conversations. "
+                        "See data_specs/pairs.v2.md.")
+    reference: str = option(REQUIRED, "Reference model (the dSFT student): HF hub id or local folder.")
+    out: str = option(REQUIRED, "Cache folder to create or resume.")
+    teacher: list = option(help="Teacher model: HF hub id or local folder; NAME=MODEL to cache several teachers "
+                           "(repeat the flag). Without --teacher only the reference is cached (plain DPO).",
+                           factory=list, metavar="[NAME=]MODEL")
+    teacher_url: list = option(help="Score that teacher through a running OpenAI-compatible vLLM server at URL "
+                               "([NAME=]URL, repeatable); --teacher still names its tokenizer.", factory=list,
+                               metavar="[NAME=]URL")
+    reference_url: str | None = option(None, "Score the reference through a running vLLM server at this URL; "
+                                       "--reference still names its tokenizer.")
+    pairs_split: str | None = option(None, "Split to read from a Hub dataset id or a folder of data files "
+                                     "(datasets.load_dataset); for a save_to_disk DatasetDict.", default_text="train")
+    prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by each model's chat "
+                                "template; raw: string prompts are already-formatted text (TRL's meaning).",
+                                choices=PROMPT_FORMATS)
+    backend: str = option("auto", "auto (vllm when installed, else hf), hf or vllm.")
+    dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
+    teacher_revision: list = option(help="Hub revision (branch, tag or commit) of the teacher ([NAME=]REV).",
+                                    factory=list, metavar="[NAME=]REV")
+    reference_revision: str | None = option(None, "Hub revision of the reference.")
+    teacher_template_kwargs: list = option(help="The teacher's chat-template variables as JSON ([NAME=]JSON), e.g. "
+                                           "'{\"enable_thinking\": false}' or '{\"reasoning_effort\": \"high\"}'.",
+                                           factory=list, metavar="[NAME=]JSON")
+    reference_template_kwargs: str | None = option(None, "The reference's chat-template variables as JSON.")
+    template_date: str | None = option(None, "Date (YYYY-MM-DD) that templates which write today's date render; "
+                                       "pinned in the manifest.", default_text="the cache's, the pairs' generate "
+                                       "date, or today")
+    max_length: int | None = option(None, "Max prompt+response tokens, checked under every model's tokenizer; a pair "
+                                    "over it on any side is dropped whole (never truncated).",
+                                    default_text="the models' limit")
+    on_overlong: str = option("drop", "drop: skip over-long pairs (ids in CACHE/dropped_ids.txt); error: stop at the "
+                              "first one.")
+    shard_size: int = option(1000, "Pairs per shard: the unit of progress kept across crashes.")
+    num_workers: int = option(1, "Split the work over N independent processes (one per GPU, SLURM array, ...).")
+    worker_index: int = option(0, "This process's index in 0..N-1.")
+    reuse_from: list = option(help="An earlier cache whose scores are copied instead of computed, for every sequence "
+                              "it scored under the same model weights, dtype and engine (repeatable).",
+                              factory=list, metavar="OLD_CACHE")
+    server_concurrency: int = option(8, "Requests in flight per server (--teacher-url/--reference-url).")
+    server_timeout: float = option(300.0, "Seconds before a server request is retried.")
+    plan_only: bool = option(False, "Tokenize every pending pair for every model (templates, length rule) into "
+                             "CACHE/work and stop before any model loads: a dry run that finds bad pairs early; the "
+                             "real run reuses the plan.")
+    overwrite: bool = option(False, "Delete an existing cache in --out and start over (one worker only: run it "
+                             "before launching the others).")
+    no_chat_template: bool = option(False, "Plain mode: ignore the models' chat templates.")
+    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
+    engine: EngineOptions = option(help="", factory=EngineOptions)
+    progress: bool = option(True, "Progress bars.", cli=False)
+
+
+@dataclass
+class GenerateConfig:
+    prompts: str = option(REQUIRED, "Prompts file: .parquet, .jsonl, .json, a datasets.save_to_disk folder, a folder "
+                          "of data files or a Hub dataset id, with `prompt` (a string or a list of {role, content} "
+                          "messages) [, id]. Other columns travel through (chosen/rejected, if present, are ignored).")
+    teacher: str = option(REQUIRED, "Teacher model: HF hub id or local folder.")
+    student: str = option(REQUIRED, "Student model (the one whose responses become `rejected`).")
+    out: str = option(REQUIRED, "Pairs file to write (.parquet or .jsonl); OUT.work/ holds the progress.")
+    prompts_split: str | None = option(None, "Split of a Hub dataset id or a folder of data files.")
+    prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by each model's chat "
+                                "template; raw: string prompts are already-formatted text.", choices=PROMPT_FORMATS)
+    backend: str = option("auto", "auto (vllm when installed, else hf), hf or vllm.")
+    sampling: Sampling = option(help="", factory=Sampling)
+    dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
+    teacher_revision: str | None = option(None, "Hub revision (branch, tag or commit) of the teacher.")
+    student_revision: str | None = option(None, "Hub revision of the student.")
+    teacher_template_kwargs: str | None = option(None, "The teacher's chat-template variables as JSON, e.g. "
+                                                 "'{\"reasoning_effort\": \"high\"}'.")
+    student_template_kwargs: str | None = option(None, "The student's chat-template variables as JSON, e.g. "
+                                                 "'{\"enable_thinking\": false}'.")
+    template_date: str | None = option(None, "Date (YYYY-MM-DD) that templates which write today's date render; "
+                                       "recorded, and used by cache-teacher on these pairs.", default_text="today")
+    chunk_size: int = option(512, "Prompts per chunk: the unit of progress kept across crashes.")
+    overwrite: bool = option(False, "Replace an existing OUT (and its unfinished work) and start over.")
+    no_chat_template: bool = option(False, "Plain mode: ignore the models' chat templates.")
+    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
+    engine: EngineOptions = option(help="", factory=lambda: EngineOptions(batch_size=32))
+    progress: bool = option(True, "Progress bars.", cli=False)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(LoopConfig):
+    """`dadpo train` flags: the generic ones (dadpo.training.LoopConfig) plus daDPO's own."""
+
+    cache: str = option(REQUIRED, "Cache folder made by dadpo cache-teacher.")
+    model: str | None = option(None, "Policy to start from: HF id or folder, with the cache's reference tokenizer.",
+                               default_text="the cache's reference")
+    beta1: float = option(0.1, "Weight of the log-ratio against the reference (dDPO term).")
+    beta2: float = option(0.01, "Weight of the log-ratio against the teacher (0 = plain DPO).")
+    teacher_weights: str | None = option(None, "Several teachers: NAME=WEIGHT,... for the teacher term's weighted "
+                                         "mean of log-probs.", default_text="equal weights")
+    min_teacher_margin: float | None = option(None, "Drop pairs whose teacher margin h_te = log te(chosen) - "
+                                              "log te(rejected) is below this (before the eval split).")
+    max_teacher_margin: float | None = option(None, "Drop pairs whose teacher margin h_te is above this.")
+    logp_norm: str = option("sum", "mean: divide each model's log-prob by its own token count "
+                            "(length-normalised variant).", choices=LOGP_NORMS)
+    start_check: int = option(16, "Pairs re-scored before step 1 with the policy, against the cached reference "
+                              "log-probs: drift (nats) and the step-0 mean implicit reward, in RUN/start_check.json. "
+                              "0: off.")
+
+
+@dataclass(kw_only=True)
+class SftConfig(LoopConfig):
+    """`dadpo sft` flags: the generic ones (dadpo.training.LoopConfig) plus the data's."""
+
+    pairs: str = option(REQUIRED, "Pairs file (as for cache-teacher); the student learns `chosen`, the teacher's "
+                        "response. `rejected` is not used.")
+    pairs_split: str | None = option(None, "Split of a Hub dataset id or a folder of data files given as --pairs.")
+    model: str | None = option(REQUIRED, "Student to fine-tune: HF hub id or local folder (e.g. the pruned or small "
+                               "model).")
+    lr: float = option(2e-5, "Peak learning rate (AdamW).")  # a fine-tuning rate, not daDPO's 5e-7
+    batch_size: int = option(8, "Examples per process per micro-batch.")
+    epochs: int = option(1, "Passes over the training examples.")
+    eval_fraction: float = option(0.05, "Examples held out (by id hash) for eval.")
+    max_length: int | None = option(None, "Max prompt+response tokens; longer pairs are dropped (or refused).",
+                                    default_text="the model's limit")
+    on_overlong: str = option("drop", "drop: skip over-long pairs (ids in RUN/dropped_ids.txt); error: stop at the "
+                              "first one.", choices=("drop", "error"))
+    prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by the chat template; raw: "
+                                "string prompts are already-formatted text (TRL's meaning).", choices=PROMPT_FORMATS)
+    template_kwargs: str | None = option(None, "Chat-template variables as JSON, e.g. '{\"enable_thinking\": false}'.")
+    template_date: str | None = option(None, "Date (YYYY-MM-DD) for templates that write today's date.",
+                                       default_text="today")
+    no_chat_template: bool = option(False, "Plain mode: ignore the student's chat template.")
+
+
+@dataclass
+class VerifyConfig:
+    cache: str = option(REQUIRED, "Cache folder (made by dadpo cache-teacher); or give it as the argument.")
+    sample: int = option(64, "Pairs to re-score (all when the cache has fewer); 0 checks integrity only.")
+    model: str | None = option(None, "Policy for the reference columns: HF hub id or local folder with the "
+                               "reference's tokenizer.", default_text="the cache's reference")
+    teacher: bool = option(False, "Also re-score every teacher's columns with the cache's teachers.")
+    dtype: str = option("float32", "Dtype to re-score in: the one you train in (float32, bfloat16, float16).")
+    batch_size: int = option(8, "Sequences per forward pass.")
+    device: str | None = option(None, "Device.", default_text="cuda if available, else cpu")
+    seed: int = option(0, "Seed of the row sample.")
+    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
