@@ -74,12 +74,11 @@ def run_sweep(base: TrainConfig, beta1s: list[float], beta2s: list[float],
     # was deleted after caching and no --model was given) or does not match the cache.
     cache = open_cache(base.cache)
     model, _ = policy_start(base.model, cache, base.trust_remote_code)
-    if base.teacher_weights or any(b > 0 for b in beta2s):
-        teacher_weights(cache, base.teacher_weights, max(beta2s))
+    mixture = teacher_weights(cache, base.teacher_weights, max(beta2s))  # refuses beta2 > 0 without a teacher
     state = PartialState()
     # what train() records for a run, less beta1/beta2: to tell whether a finished point is this sweep's
     shared_record = {"model": model.name, "cache_fingerprint": cache_fingerprint(cache),
-                     "global_batch": base.batch_size * base.grad_accum * state.num_processes,
+                     "global_batch": base.batch_size * base.grad_accum * state.num_processes, "teacher_mixture": mixture,
                      "mixed_precision": base.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")}
     points = [(b1, b2) for b1 in beta1s for b2 in beta2s]
     main = state.is_main_process

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from dadpo.training.checkpoint import list_checkpoints
 from dadpo.errors import DadpoError
 from dadpo.recipes.dadpo import TrainConfig, train
 
-from support import ENV, assert_one_line_error, assert_same_steps, kill_when, metrics, run_cli, start_cli
+from dadpo.stop import EXIT_STOPPED
+from support import (ENV, assert_one_line_error, assert_same_steps, kill_when, metrics, run_cli, signal_when,
+                     start_cli)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,7 +77,7 @@ def test_checkpoint_holds_no_pickle(uninterrupted):
             "rng-rank00000.safetensors", "rng-rank00000.json", "model.safetensors"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
     state = load_file(checkpoint / "optimizer.safetensors")
-    assert any(name.endswith(".exp_avg_sq") for name in state)
+    assert any(name.endswith("::exp_avg_sq") for name in state)
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4
     assert json.loads((checkpoint / "scheduler.json").read_text())["last_epoch"] == 4
 
@@ -109,3 +112,48 @@ def test_lora_dropout_run_resumes_exactly(cache_dir, models, tmp_path):
     train(TrainConfig(out=str(cut), resume=True, **settings))
     assert (whole / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").is_file()
     assert_same_steps(metrics(cut), metrics(whole), keys=("loss", "margin", "grad_norm"), tolerance=1e-6)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_checkpoints_the_current_step_and_resume_equals_uninterrupted(cache_dir, models,
+                                                                                    uninterrupted, tmp_path,
+                                                                                    signal_number):
+    """What SLURM sends before pre-emption: the step in flight finishes, a checkpoint of it is written
+    (not only the last --save-every one), one line says how to resume, exit code 75."""
+    out = tmp_path / "stopped"
+    process = start_cli(*run_args(cache_dir, models, out), env=ENV)
+    log = out / "metrics.jsonl"
+    assert signal_when(process, lambda: log.exists() and len(log.read_text().splitlines()) >= 3, signal_number)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == EXIT_STOPPED, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "stopped by SIG" in lines[0] and "--resume" in lines[0], stderr
+    done = len(metrics(out))
+    assert 3 <= done < STEPS
+    assert list_checkpoints(out)[-1].name == f"step-{done:06d}"  # the step the signal found, saved
+    assert not (out / "summary.json").exists()
+    summary = train(run_config(cache_dir, models, out, resume=True))
+    assert summary["resumed_from_step"] == done
+    assert_same_steps(metrics(out), metrics(uninterrupted), keys=("loss", "margin", "reward_accuracy", "lr", "grad_norm"),
+                      tolerance=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "missing optimizer file"])
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(cache_dir, models, uninterrupted, tmp_path,
+                                                                    damage, capsys):
+    run = tmp_path / "damaged"
+    shutil.copytree(uninterrupted, run)
+    shutil.rmtree(run / "checkpoints" / "step-000008")
+    (run / "summary.json").unlink()
+    latest = run / "checkpoints" / "step-000006"
+    if damage == "truncated weights":
+        broken = latest / "model" / "model.safetensors"
+        broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    else:
+        broken = latest / "optimizer.json"
+        broken.unlink()
+    summary = train(run_config(cache_dir, models, run, resume=True))
+    warning = capsys.readouterr().out
+    assert str(broken) in warning and "step-000004" in warning
+    assert summary["resumed_from_step"] == 4
+    assert_same_steps(metrics(run), metrics(uninterrupted), keys=("loss", "margin", "lr", "grad_norm"), tolerance=1e-6)

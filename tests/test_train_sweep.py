@@ -84,6 +84,14 @@ def test_two_by_two_sweep_from_the_cache_alone(orphan_cache):
     assert before == {name: (runs / name / "metrics.jsonl").stat().st_mtime_ns for name in trained}
     assert pl.read_csv(runs / "summary.csv")["status"].to_list().count("finished earlier") == 3
 
+    # A point left half written (killed while writing its summary, no checkpoints): trained again.
+    half = sorted(trained)[0]
+    (runs / half / "summary.json").write_text('{"steps": 2, "final_tr')
+    again = run_cli(*args, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier, skipped") == 2 and f"training -> {runs / half}" in again.stdout
+    assert json.loads((runs / half / "summary.json").read_text())["steps"] == 2
+
     # Same folder, other settings: refused before anything is trained.
     changed = TrainConfig(cache=str(orphan_cache / "cache"), out=str(runs), model=str(orphan_cache / "student-kept"),
                           lr=2e-3, batch_size=4, grad_accum=1, max_steps=2, eval_fraction=0.1, progress=False)

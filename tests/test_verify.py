@@ -18,7 +18,9 @@ from dadpo.cache import open_cache
 from dadpo.cache import CacheTeacherConfig, cache_teacher
 from dadpo.errors import DadpoError
 from dadpo.logprobs import ResponseLogprobs
-from dadpo.verify import (REFERENCE_COLUMNS, TEACHER_COLUMNS, VerifyConfig, reference_drift, sample_rows,
+from dadpo.config import VerifyConfig
+from dadpo.modeling import model_tokenizer, resolve_model
+from dadpo.verify import (PAIR_COLUMNS, REFERENCE_COLUMNS, reference_drift, sample_rows, teacher_columns,
                           teacher_drift, verify_cache)
 
 LINE = re.compile(r"^(reference|teacher) (ref|teacher)_logp_\* \(cached: hf (float32|bfloat16)\) vs (\S+) "
@@ -117,13 +119,14 @@ def test_library_reuses_a_loaded_policy(caches, models):
 
 def test_teacher_token_counts_must_match_the_cache(caches, models):
     cache = open_cache(caches["float32"])
-    rows = sample_rows(cache, 4, columns=["id", *TEACHER_COLUMNS])
-    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    rows = sample_rows(cache, 4, columns=["id", *PAIR_COLUMNS, *teacher_columns("")])
+    tokenizer = model_tokenizer(resolve_model(str(models["teacher"])), "--teacher")
+    pad_id = tokenizer.tokenizer.pad_token_id
     teacher = AutoModelForCausalLM.from_pretrained(models["teacher"])
-    fine = teacher_drift(teacher, tokenizer, True, rows, tokenizer.pad_token_id)
+    fine = teacher_drift(teacher, tokenizer, rows, pad_id)
     assert fine["sequences"] == 8 and fine["seq_max"] < 1e-5
     bad_id = rows["id"][2]
     tampered = rows.with_columns(pl.when(pl.col("id") == bad_id).then(pl.col("teacher_ntok_rejected") + 1)
                                  .otherwise(pl.col("teacher_ntok_rejected")).alias("teacher_ntok_rejected"))
     with pytest.raises(DadpoError, match=f"row id '{bad_id}'.*rejected tokens.*teacher_ntok_rejected"):
-        teacher_drift(teacher, tokenizer, True, tampered, tokenizer.pad_token_id, where="cache")
+        teacher_drift(teacher, tokenizer, tampered, pad_id, where="cache")

@@ -165,10 +165,10 @@ class Sides:
         return {side.prefix: side.tokenizer(trust_remote_code) for side in self.in_pass_order()}
 
 
-def named(values: list[str], flag: str, allow_unnamed: bool = True) -> dict[str, str]:
-    """[NAME=]VALUE items -> {name: value}; "" names the one unnamed item."""
+def named(values: list[str] | str | None, flag: str) -> dict[str, str]:
+    """[NAME=]VALUE items (a single string too) -> {name: value}; "" names the one unnamed item."""
     found: dict[str, str] = {}
-    for item in values:
+    for item in [values] if isinstance(values, str) else values or []:
         name, sep, value = item.partition("=")
         if not (sep and _NAME.match(name) and not os.path.exists(item)):
             name, value = "", item
@@ -292,6 +292,8 @@ def _check_flags(cfg: CacheTeacherConfig) -> None:
     if not 0 <= cfg.worker_index < cfg.num_workers:
         raise DadpoError(f"--worker-index {cfg.worker_index}: must be in 0..{cfg.num_workers - 1} "
                          f"(--num-workers {cfg.num_workers})")
+    if isinstance(cfg.reuse_from, str):
+        cfg.reuse_from = [cfg.reuse_from]
     for old in cfg.reuse_from:
         manifest = read_manifest(Path(old)) if Path(old).is_dir() else None
         if manifest is None:
