@@ -19,7 +19,6 @@ against the reference (~0 when the cache is faithful).
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np

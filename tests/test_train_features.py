@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
-from dadpo.logprobs import ResponseLogprobs, check_packing, collate, probe_pairs
+from dadpo.layout_checks import check_packing, probe_pairs
+from dadpo.logprobs import ResponseLogprobs, collate
 from dadpo.modeling import load_policy, resolve_model
 from dadpo.recipes.dadpo import TrainConfig, train
 from dadpo.training.data import global_batch_rows, split_eval

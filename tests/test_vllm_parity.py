@@ -10,7 +10,6 @@ enforce_eager, so both execution modes are checked against HF), and two in the C
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,8 +24,8 @@ from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
 from dadpo.engine import EngineOptions
 from dadpo.modeling import model_tokenizer, resolve_model
-from dadpo.pairs import Response
-from dadpo.scoring.hf import HFScorer
+from dadpo.tokenization import Response
+from dadpo.logprobs import HFScorer
 from dadpo.tiny import _FILLER, make_tiny_pairs
 
 TOLERANCE = 1e-4  # nats per sentence, fp32

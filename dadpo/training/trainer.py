@@ -149,18 +149,21 @@ class Trainer:
         """(prefix sharing, packing) for this run's batches, each checked on the loaded policy first:
         --packing is refused where the model lets packed sequences see each other; prefix sharing
         (pairs only) is on by default where its check holds, and off with a note elsewhere."""
-        from dadpo.logprobs import check_packing, check_sharing, probe_pairs, sharing_support
+        from dadpo.layout_checks import check_packing, check_sharing, probe_pairs, sharing_support
 
         cfg, vocab = self.cfg, self.inner.model.config.get_text_config().vocab_size
         probes = probe_pairs(vocab)
+        # under autocast the forward runs in bf16/fp16 with fp32 weights: judge it by that dtype's tolerance
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
         if cfg.packing:
-            check_packing(self.policy, [(p, c) for p, c, _ in probes], self.device, self.model.name, self.inner)
+            check_packing(self.policy, [(p, c) for p, c, _ in probes], self.device, self.model.name, self.inner,
+                          compute_dtype=compute)
         if not pairs or cfg.prefix_sharing == "off":
             return False, cfg.packing
         reason = sharing_support(self.inner.model)
         if reason is None:
             try:
-                check_sharing(self.policy, probes, self.device, self.model.name, self.inner)
+                check_sharing(self.policy, probes, self.device, self.model.name, self.inner, compute_dtype=compute)
             except DadpoError as exc:
                 reason = str(exc)
         if reason is None:
