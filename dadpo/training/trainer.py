@@ -149,7 +149,7 @@ class Trainer:
         """(prefix sharing, packing) for this run's batches, each checked on the loaded policy first:
         --packing is refused where the model lets packed sequences see each other; prefix sharing
         (pairs only) is on by default where its check holds, and off with a note elsewhere."""
-        from dadpo.layout_checks import check_packing, check_sharing, probe_pairs, sharing_support
+        from dadpo.layout_checks import check_packing, check_sharing, probe_pairs
 
         cfg, vocab = self.cfg, self.inner.model.config.get_text_config().vocab_size
         probes = probe_pairs(vocab)
@@ -160,17 +160,14 @@ class Trainer:
                           compute_dtype=compute)
         if not pairs or cfg.prefix_sharing == "off":
             return False, cfg.packing
-        reason = sharing_support(self.inner.model)
-        if reason is None:
-            try:
-                check_sharing(self.policy, probes, self.device, self.model.name, self.inner, compute_dtype=compute)
-            except DadpoError as exc:
-                reason = str(exc)
-        if reason is None:
+        try:  # every process: under FSDP the probe's forward gathers the weights
+            check_sharing(self.policy, probes, self.device, self.model.name, self.inner, compute_dtype=compute)
             return True, cfg.packing
+        except DadpoError as exc:
+            reason = str(exc).removeprefix("prefix sharing: ").replace("prefix sharing off", "--prefix-sharing off")
         if cfg.prefix_sharing == "on":
             raise DadpoError(f"--prefix-sharing on: {reason}")
-        self.say(f"note: prefix sharing is off for this run ({reason})")
+        self.say(f"note: prefix sharing is off for this run: {reason.split('; run with')[0]}")
         return False, cfg.packing
 
     # ---------------------------------------------------------------- the loop
