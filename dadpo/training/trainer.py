@@ -100,6 +100,7 @@ class Trainer:
                                                                               unit)
         self.record = cfg.record({**record, "global_batch": self.global_batch, "total_steps": self.total_steps,
                                   "num_processes": accelerator.num_processes,
+                                  "distributed_type": str(accelerator.distributed_type.value),
                                   "mixed_precision": accelerator.mixed_precision})
         self.run = RunFolder(cfg.out)
         start = ckpt.find_start(self.run.path, cfg.resume, cfg.overwrite, self.record, run_differences, self.say)
