@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -14,11 +15,12 @@ import pytest
 from dadpo.errors import DadpoError
 from dadpo.recipes.dadpo import TrainConfig, train
 
-from support import ENV, REPO, assert_same_steps, free_port, metrics, train_cli
+from dadpo.training.checkpoint import list_checkpoints
+from support import ENV, REPO, assert_same_steps, free_port, metrics, signal_when, train_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STEPS = 4
+STEPS = 6
 # accelerate's FSDP2, selected the way an `accelerate launch` FSDP config does (its environment variables)
 FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
         "FSDP_TRANSFORMER_CLS_TO_WRAP": "Qwen3DecoderLayer", "FSDP_RESHARD_AFTER_FORWARD": "true"}
@@ -29,14 +31,22 @@ def common(cache_dir, models) -> list:
             "--max-steps", STEPS, "--warmup-steps", "1", "--seed", "3", "--eval-fraction", "0.1", "--save-every", "2"]
 
 
-def torchrun(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun_command(*args) -> list[str]:
     """Two CPU processes over gloo: torchrun + ACCELERATE_USE_CPU=1 is how accelerate runs several CPU
-    processes without mpirun; on GPUs `accelerate launch --num_processes N` starts the same thing."""
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "dadpo.cli.main", "train", *map(str, args), "--quiet"],
-        cwd=REPO, env={**os.environ, **ENV, "ACCELERATE_USE_CPU": "1", **(env or {})}, capture_output=True, text=True,
-        timeout=600)
+    processes without mpirun; on GPUs `accelerate launch --num_processes N` starts the same thing.
+    torchrun passes SIGTERM and SIGUSR1 on to every process (what a SLURM job is told before it ends)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "--signals-to-handle", "SIGTERM,SIGUSR1", "--shutdown-timeout", "120",
+            "-m", "dadpo.cli.main", "train", *map(str, args), "--quiet"]
+
+
+def torch_env(env: dict | None = None) -> dict:
+    return {**os.environ, **ENV, "ACCELERATE_USE_CPU": "1", **(env or {})}
+
+
+def torchrun(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(torchrun_command(*args), cwd=REPO, env=torch_env(env), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -49,9 +59,19 @@ def one(models, cache_dir, tmp_path_factory):
     return out
 
 
-def test_two_processes_equal_one_process_with_grad_accum(models, cache_dir, one, tmp_path):
+def test_two_processes_equal_one_process_with_grad_accum_and_survive_a_stop_signal(models, cache_dir, one, tmp_path):
+    """Two DDP processes; SIGUSR1 to the launcher after step 2: every process finishes the step in
+    flight, one checkpoint of it is written; --resume then logs what one process logs uninterrupted."""
     two = tmp_path / "two"
-    result = torchrun(*common(cache_dir, models), "--out", two, "--grad-accum", "1")
+    launcher = subprocess.Popen(torchrun_command(*common(cache_dir, models), "--out", two, "--grad-accum", "1"),
+                                cwd=REPO, env=torch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = two / "metrics.jsonl"
+    assert signal_when(launcher, lambda: log.exists() and len(log.read_text().splitlines()) >= 2, signal.SIGUSR1)
+    launcher.communicate(timeout=300)
+    stopped_at = len(metrics(two))
+    assert 2 <= stopped_at < STEPS and list_checkpoints(two)[-1].name == f"step-{stopped_at:06d}"
+    assert not (two / "summary.json").exists()
+    result = torchrun(*common(cache_dir, models), "--out", two, "--grad-accum", "1", "--resume")
     assert result.stdout.count(f"trained {STEPS} steps") == 1  # only the main process reports
 
     got, want = metrics(two), metrics(one)
@@ -81,6 +101,7 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(models, cache_dir, one,
                                                           "--resume"))):
         cut = tmp_path / f"cut-{name}"
         shutil.copytree(fsdp, cut)
+        shutil.rmtree(cut / "checkpoints" / f"step-{STEPS:06d}")
         shutil.rmtree(cut / "checkpoints" / "step-000004")
         (cut / "summary.json").unlink()
         resume(cut)
