@@ -71,8 +71,10 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheSummary:
     out, created = _prepare_out(cfg.out)
     scratch = temp_path(out / "plan")
     try:
+        existing = None if cfg.overwrite else _read_existing(out)  # before the claim: a refusal touches nothing
+        _refuse_old_rule(out, existing)
         with stop.handling(), worker_claim(out, cfg.worker_index, cfg.num_workers):
-            return _build(cfg, out, scratch, started)
+            return _build(cfg, out, scratch, started, existing)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         if created and not any(p for p in out.iterdir() if p.name != ".lock"):
@@ -82,13 +84,8 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheSummary:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _build(cfg: CacheTeacherConfig, out: Path, scratch: Path, started: float) -> CacheSummary:
-    existing = None if cfg.overwrite else _read_existing(out)
-    if existing is not None and existing["schema_version"] != SCHEMA_VERSION:
-        raise DadpoError(f"--out {out}: a cache made by tokenization rule {existing.get('tokenization_rule')} (schema "
-                         f"{existing['schema_version']}); this dadpo scores by rule 2 (data_specs/tokenization.v2.md). "
-                         "Training from that cache still works; to cache these pairs by rule 2, pass --overwrite to "
-                         "start over, or choose another --out")
+def _build(cfg: CacheTeacherConfig, out: Path, scratch: Path, started: float, existing: dict | None
+           ) -> CacheSummary:
     sides = describe_models(cfg, existing)
     pairs = load_pairs(cfg.pairs, split=cfg.pairs_split, prompt_format=cfg.prompt_format, workdir=scratch)
     num_shards = math.ceil(len(pairs) / cfg.shard_size)
@@ -206,6 +203,14 @@ def _refuse_foreign(folder: Path) -> None:
     if foreign and not manifest_path(folder).exists():
         raise DadpoError(f"--out {folder}: holds {' and '.join(foreign)} but no manifest.json, so it is not a "
                          "dadpo cache; choose another --out")
+
+
+def _refuse_old_rule(out: Path, existing: dict | None) -> None:
+    if existing is not None and existing["schema_version"] != SCHEMA_VERSION:
+        raise DadpoError(f"--out {out}: a cache made by tokenization rule {existing.get('tokenization_rule')} (schema "
+                         f"{existing['schema_version']}); this dadpo scores by rule 2 (data_specs/tokenization.v2.md). "
+                         "Training from that cache still works; to cache these pairs by rule 2, pass --overwrite to "
+                         "start over, or choose another --out")
 
 
 def _refuse_differences(out: Path, existing: dict, header: dict) -> None:
