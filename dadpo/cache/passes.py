@@ -22,7 +22,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dadpo import stop
 from dadpo.atomic import write_parquet_atomic
 from dadpo.cache.layout import REFERENCE, shard_file, work_path
 from dadpo.cache.manifest import model_records, read_manifest, reuse_identity
@@ -138,7 +137,7 @@ def run_pass(job: PassJob) -> dict:
     progress = Progress(f"{side.role} {side.name} [{side.record['backend']}]", len(job.shards), "shard", job.progress)
     scored = reused = tokens = 0
     try:
-        for k in job.shards:
+        for k in progress.each(job.shards):
             table = pq.read_table(work_path(out, "tokens", k),
                                   columns=["pair_index", "id"] + [f"{side.prefix}_{n}" for n in _IDS])
             prompts, chosen, rejected = (table[f"{side.prefix}_{n}"].to_pylist() for n in _IDS)
@@ -170,15 +169,10 @@ def run_pass(job: PassJob) -> dict:
             write_parquet_atomic(part, work_path(out, side.prefix, k), metadata=counts)
             scored, reused = scored + num_scored, reused + missing.size - num_scored
             tokens += sum(len(prompts[i]) + len((chosen, rejected)[which][i]) for i, which in np.argwhere(missing))
-            progress.unit_done()
-            if stop.requested():
-                break  # the shard in flight is published; the rest waits for the re-run
     finally:
         progress.close()
         scorer.close()
-    seconds = progress.seconds()
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "sequences_scored": scored, "sequences_reused": reused,
+    return {**progress.stats(tokens), "sequences_scored": scored, "sequences_reused": reused,
             "shared_prompt_tokens": getattr(scorer, "shared_prompt_tokens", 0)}
 
 
