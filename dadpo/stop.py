@@ -22,7 +22,16 @@ _forward_pid: int | None = None
 
 
 class Stopped(Exception):
-    """A stop signal arrived; what was finished is saved. The message says how to resume."""
+    """A stop signal arrived; what was finished is saved. The message says what was saved, then how
+    to resume; a caller that runs the work for another command (sweep runs train) may re-raise it
+    with its own `how_to_resume`."""
+
+    def __init__(self, what: str, how_to_resume: str = "re-run the same command to continue"):
+        super().__init__(what, how_to_resume)  # both in args: it pickles across processes unchanged
+        self.what, self.how_to_resume = what, how_to_resume
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.how_to_resume}"
 
 
 def _on_signal(signum, frame) -> None:
@@ -73,4 +82,4 @@ def forward_to(pid: int | None) -> None:
 
 def raise_if_requested(resume_hint: str = "re-run the same command to continue") -> None:
     if _requested:
-        raise Stopped(f"stopped by {_requested}: finished work is saved; {resume_hint}")
+        raise Stopped(f"stopped by {_requested}: finished work is saved", resume_hint)

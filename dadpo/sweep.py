@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from dadpo import stop
 from dadpo.atomic import write_atomic
 from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
@@ -101,7 +102,11 @@ def run_sweep(base: TrainConfig, beta1s: list[float], beta2s: list[float],
         else:
             cfg.resume = bool(list_checkpoints(run.path)) and not base.overwrite
             say(f"{where}: {'resuming' if cfg.resume else 'training'} -> {run.path}")
-            summary, status = train(cfg), "trained"
+            try:
+                summary, status = train(cfg), "trained"
+            except stop.Stopped as stopped:  # sweep has no --resume: a re-run resumes this point by itself
+                raise stop.Stopped(f"{where}: {stopped.what}", "re-run the same sweep command to continue (finished "
+                                   "points are skipped, this one resumes from its checkpoint)") from None
         results.append(_result_row(beta1, beta2, name, status, summary))
     if main:
         write_summary(root, results)

@@ -87,6 +87,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# ---------------------------------------------------------------- running the suite in parallel
+
+# Test files by their time on one core, longest first (pyproject runs files on parallel workers):
+# starting the long ones first keeps the last worker from finishing alone.
+SLOWEST_FILES = ["test_vllm_parity.py", "test_vllm_server.py", "test_train_distributed.py", "test_full_disk.py",
+                 "test_generate.py", "test_cache_resume.py", "test_prefix_sharing.py", "test_real_templates.py",
+                 "test_cli_pipeline.py", "test_full_pipeline.py"]
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    # each worker runs mostly one core's worth; more workers than cores (up to 4) would only add
+    # vLLM engines and models held in memory at once
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: number for number, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 # ---------------------------------------------------------------- vLLM tests and the CI rule
 
 _skipped_vllm_tests: list[str] = []

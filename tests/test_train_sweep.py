@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import polars as pl
 import pytest
 
 from dadpo.errors import DadpoError
+from dadpo.stop import EXIT_STOPPED
 from dadpo.sweep import run_sweep
-from dadpo.recipes.dadpo import TrainConfig
-from support import ENV, assert_one_line_error, metrics, run_cli
+from dadpo.recipes.dadpo import TrainConfig, train
+from dadpo.training.checkpoint import list_checkpoints
+from support import ENV, assert_one_line_error, assert_same_steps, metrics, run_cli, signal_when, start_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,3 +108,37 @@ def test_two_by_two_sweep_from_the_cache_alone(orphan_cache):
 def test_bad_beta_list(orphan_cache):
     result = run_cli("sweep", "--cache", orphan_cache / "cache", "--out", orphan_cache / "x", "--beta1", "0.1,abc")
     assert_one_line_error(result, "--beta1 0.1,abc", "'abc' is not a number")
+
+
+def test_a_stop_signal_mid_sweep_saves_the_point_and_the_rerun_resumes_it_exactly(orphan_cache, tmp_path):
+    """SIGTERM while the first of two points trains: that point's step in flight is checkpointed, one
+    line says to re-run the sweep (it has no --resume), exit 75; the re-run resumes the point and
+    trains the next, each logging the steps of an uninterrupted `train` of it."""
+    runs = tmp_path / "runs"
+    settings = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=6, save_every=4, eval_fraction=0.1, seed=3)
+    args = ["sweep", "--cache", orphan_cache / "cache", "--out", runs, "--model", orphan_cache / "student-kept",
+            "--beta1", "0.1", "--beta2", "0,0.01", "--quiet",
+            *[part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", value)]]
+    first = runs / "b1=0.1_b2=0"
+    process = start_cli(*args, env=ENV)
+    assert signal_when(process, lambda: (first / "metrics.jsonl").exists() and len(metrics(first)) >= 2,
+                       signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == EXIT_STOPPED, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "[1/2] b1=0.1_b2=0" in lines[0] and "stopped by SIGTERM" in lines[0], stderr
+    assert "re-run the same sweep command" in lines[0] and "--resume" not in lines[0]
+    done = len(metrics(first))
+    assert 2 <= done < 6 and list_checkpoints(first)[-1].name == f"step-{done:06d}"
+    assert not (first / "summary.json").exists() and not (runs / "b1=0.1_b2=0.01").exists()
+
+    again = run_cli(*args, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming -> {first}" in again.stdout and f"training -> {runs / 'b1=0.1_b2=0.01'}" in again.stdout
+    for beta2 in (0.0, 0.01):
+        name = f"b1=0.1_b2={beta2:g}"
+        whole = tmp_path / f"whole-{name}"
+        train(TrainConfig(cache=str(orphan_cache / "cache"), out=str(whole), model=str(orphan_cache / "student-kept"),
+                          beta1=0.1, beta2=beta2, progress=False, **settings))
+        assert_same_steps(metrics(runs / name), metrics(whole), keys=("loss", "margin", "lr", "grad_norm"),
+                          tolerance=1e-6)

@@ -238,8 +238,8 @@ class Trainer:
             resume = "run the same command with --resume to continue" if not cfg.resume else \
                 "run the same command again to continue"
             raise stop.Stopped(f"stopped by {stop.requested() or 'a stop signal'} after step {done} of "
-                               f"{self.total_steps}; checkpoint {ckpt.checkpoint_dir(self.run.path, done)} "
-                               f"written: {resume}")
+                               f"{self.total_steps}; checkpoint {ckpt.checkpoint_dir(self.run.path, done)} written",
+                               resume)
         return self.last
 
     def eval_batches(self, rows: pl.DataFrame, make_batch: Callable[[pl.DataFrame], object]) -> Iterator:
