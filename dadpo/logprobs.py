@@ -5,8 +5,9 @@ scoring backend, verify-cache and the trainer.
 
 Lean by construction: the decoder runs once over prompt+response, but the lm_head and the fp32
 log-softmax run only at response positions, in chunks, so no [batch, seq, vocab] tensor (nor
-an fp32 [tokens, vocab] one for the whole batch) ever exists. Under autograd each chunk is
-recomputed in backward instead of keeping its logits.
+an fp32 [tokens, vocab] one for the whole batch) ever exists. Under autograd, a batch whose fp32
+response logits pass KEEP_LOGITS_BYTES has each chunk recomputed in backward instead of keeping
+its logits; a smaller one keeps them (recomputing would run the lm_head twice for little memory).
 
 Two layouts of the same sequences (the sums agree to float rounding):
   padded  collate(...)          [N, L] right-padded rows with an attention mask
@@ -45,6 +46,9 @@ from dadpo.scoring.base import Scorer
 # Vocab rows per chunk: 4096 tokens x 152k vocab x 4 bytes is 2.5 GB at Qwen2.5 sizes, which
 # is the most we are willing to hold at once.
 DEFAULT_CHUNK_TOKENS = 4096
+# fp32 response logits a training forward may keep for backward (e.g. 1,700 tokens at a 152k
+# vocabulary); past it, chunks are recomputed in backward, which costs one more lm_head matmul.
+KEEP_LOGITS_BYTES = 2**30
 
 
 @dataclass
@@ -211,10 +215,12 @@ class ResponseLogprobs(nn.Module):
     directly, so gradient sync hooks see the whole computation.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    def __init__(self, model: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 keep_logits_bytes: int = KEEP_LOGITS_BYTES):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.keep_logits_bytes = keep_logits_bytes
 
     def forward(self, batch: ResponseBatch) -> torch.Tensor:
         decoder = self.model.get_decoder()
@@ -233,10 +239,12 @@ class ResponseLogprobs(nn.Module):
         hidden = decoder(**inputs).last_hidden_state
         response_hidden = hidden[batch.row, batch.position]  # [R, H]
         pieces = []
+        recompute = torch.is_grad_enabled() and \
+            response_hidden.shape[0] * lm_head.weight.shape[0] * 4 > self.keep_logits_bytes
         for start in range(0, response_hidden.shape[0], self.chunk_tokens):
             chunk = response_hidden[start : start + self.chunk_tokens]
             target = batch.target[start : start + self.chunk_tokens]
-            if torch.is_grad_enabled():
+            if recompute:
                 pieces.append(checkpoint(_chunk_logprobs, lm_head, chunk, target, softcap, use_reentrant=False))
             else:
                 pieces.append(_chunk_logprobs(lm_head, chunk, target, softcap))

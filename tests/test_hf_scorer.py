@@ -42,14 +42,18 @@ def test_chunked_head_equals_unchunked_and_has_gradients(models, sequences):
     model = AutoModelForCausalLM.from_pretrained(models["student"], dtype=torch.float32)
     batch = collate(sequences["student"][:6], pad_id=3)
     whole = ResponseLogprobs(model, chunk_tokens=100_000)(batch)
-    chunked = ResponseLogprobs(model, chunk_tokens=7)(batch)  # many chunks, checkpointed under grad
-    # fp32 GEMMs of other shapes round differently (by ~1e-6 nats on some CPUs): an fp32 tolerance
-    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-5)
-    chunked.sum().backward()
-    grads_chunked = model.lm_head.weight.grad.clone()
+    grads = {}
+    for name, keep_logits_bytes in (("kept", 2**30), ("recomputed", 0)):  # logits kept for backward, or not
+        chunked = ResponseLogprobs(model, chunk_tokens=7, keep_logits_bytes=keep_logits_bytes)(batch)
+        # fp32 GEMMs of other shapes round differently (by ~1e-6 nats on some CPUs): an fp32 tolerance
+        torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-5)
+        model.zero_grad()
+        chunked.sum().backward()
+        grads[name] = model.lm_head.weight.grad.clone()
     model.zero_grad()
     whole.sum().backward()
-    torch.testing.assert_close(grads_chunked, model.lm_head.weight.grad, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, model.lm_head.weight.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def hf_scorer(path, pad_id: int, batch_size: int = 5) -> HFScorer:

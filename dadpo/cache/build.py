@@ -86,8 +86,9 @@ def cache_teacher(cfg: CacheTeacherConfig) -> CacheSummary:
 
 def _build(cfg: CacheTeacherConfig, out: Path, scratch: Path, started: float, existing: dict | None
            ) -> CacheSummary:
-    sides = describe_models(cfg, existing)
+    # the pairs first: a bad row is named in a second, before the models (and torch) load
     pairs = load_pairs(cfg.pairs, split=cfg.pairs_split, prompt_format=cfg.prompt_format, workdir=scratch)
+    sides = describe_models(cfg, existing)
     num_shards = math.ceil(len(pairs) / cfg.shard_size)
     header = {"pairs": {"source": str(cfg.pairs), "fingerprint": pairs.fingerprint, "rows": len(pairs),
                         "extra_columns": pairs.extra_columns, "prompt_format": cfg.prompt_format},
