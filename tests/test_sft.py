@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import polars as pl
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from support import assert_one_line_error, naive_logprob, run_cli, write_jsonl
+from support import (ENV, assert_one_line_error, assert_same_steps, metrics, naive_logprob, run_cli, signal_when,
+                     start_cli, write_jsonl)
 from dadpo.errors import DadpoError
+from dadpo.stop import EXIT_STOPPED
+from dadpo.training.checkpoint import list_checkpoints
 from dadpo.config import SftConfig
 from dadpo.recipes.sft import sft
 from dadpo.tiny import make_tiny_pairs
@@ -103,3 +107,27 @@ def test_every_pair_too_long_is_refused(models, pairs_file, tmp_path):
     with pytest.raises(DadpoError, match="every pair is longer than --max-length 8"):
         sft(SftConfig(pairs=str(pairs_file), model=str(models["student"]), out=str(tmp_path / "r"), max_length=8,
                       progress=False))
+
+
+def test_a_stop_signal_checkpoints_the_step_and_resume_equals_uninterrupted(models, pairs_file, tmp_path):
+    """SIGTERM to `dadpo sft`: the step in flight finishes and is checkpointed, one line, exit 75;
+    --resume then logs the steps of an uninterrupted run."""
+    settings = dict(pairs=str(pairs_file), model=str(models["student"]), lr=1e-3, batch_size=2, grad_accum=1,
+                    max_steps=6, warmup_steps=1, eval_fraction=0.1, seed=2, max_length=160, progress=False)
+    stopped = tmp_path / "stopped"
+    process = start_cli("sft", "--out", stopped, "--quiet",
+                        *[part for key, value in settings.items() if key != "progress"
+                          for part in (f"--{key.replace('_', '-')}", value)], env=ENV)
+    assert signal_when(process, lambda: (stopped / "metrics.jsonl").exists() and len(metrics(stopped)) >= 2,
+                       signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == EXIT_STOPPED, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "--resume" in lines[0], stderr
+    done = len(metrics(stopped))
+    assert 2 <= done < 6 and list_checkpoints(stopped)[-1].name == f"step-{done:06d}"
+    summary = sft(SftConfig(out=str(stopped), resume=True, **settings))
+    assert summary["resumed_from_step"] == done
+    whole = tmp_path / "whole"
+    sft(SftConfig(out=str(whole), **settings))
+    assert_same_steps(metrics(stopped), metrics(whole), keys=("loss", "lr", "grad_norm"), tolerance=1e-6)
