@@ -36,7 +36,7 @@ from dadpo.cache.claims import worker_claim
 from dadpo.cache.layout import REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR, shard_file, teacher_prefix, work_path
 from dadpo.cache.manifest import (differences, forget_shard, locked, manifest_path, new_manifest, read_manifest,
                                   record_shard, write_dropped_ids)
-from dadpo.cache.passes import PassJob, Side, plan_shard, run_pass
+from dadpo.cache.passes import PLAN_COLUMNS, PassJob, Side, plan_shards, run_pass
 from dadpo.cache.shards import assemble_shard, check_shard, shard_entry, whole_unrecorded_shard
 from dadpo.errors import DadpoError
 from dadpo.modeling import check_dtype, check_model_folder, max_positions, resolve_model, resolved_dtype, weights_digest
@@ -375,16 +375,22 @@ def _pinned_date(header: dict) -> str | None:
 
 
 def _plan(cfg, out: Path, scratch: Path, pairs, sides: Sides, shards: list[int]) -> list[int]:
-    """Tokenize the shards whose token file is not in CACHE/work yet, into the scratch folder."""
+    """Tokenize the shards whose token file is not in CACHE/work yet, into the scratch folder (in
+    worker processes when there are several: the plan is CPU-bound, the tokenizers single-threaded)."""
     shards = [k for k in shards if not work_path(out, "tokens", k).exists()]
     if not shards:
         return []
-    tokenizers = sides.tokenizers(cfg.trust_remote_code)
-    flags = {side.prefix: side.flag for side in sides.in_pass_order()}
-    for k in shards:
-        tokens, dropped = plan_shard(_shard_rows(pairs, k, cfg.shard_size), tokenizers, flags, sides.max_length,
-                                     cfg.on_overlong, str(cfg.pairs))
-        write_parquet_atomic(tokens, work_path(scratch, "tokens", k), metadata={"dropped_ids": _json(dropped)})
+
+    def read_rows(k: int) -> list[dict]:
+        return _shard_rows(pairs, k, cfg.shard_size).select(PLAN_COLUMNS).to_dicts()
+
+    def write(k: int, planned) -> None:
+        write_parquet_atomic(planned.table(), work_path(scratch, "tokens", k),
+                             metadata={"dropped_ids": _json(planned.dropped)})
+
+    plan_shards(shards, read_rows, write, sides.tokenizers(cfg.trust_remote_code),
+                {side.prefix: side.flag for side in sides.in_pass_order()}, sides.max_length, cfg.on_overlong,
+                str(cfg.pairs), getattr(cfg, "plan_workers", 0))  # a config field to come; 0: one per CPU
     return shards
 
 
