@@ -56,19 +56,36 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def write_error(path: Path, exc: OSError, needed_bytes: int | None = None) -> DadpoError:
-    """An OSError while writing `path` as one line; a full disk says how much was needed and free."""
-    if exc.errno in _SPACE_ERRORS:
+def out_of_space(exc: BaseException) -> bool:
+    """A full disk or quota, also as libraries report it (safetensors, arrow: the OS text, not an OSError)."""
+    if isinstance(exc, OSError) and exc.errno in _SPACE_ERRORS:
+        return True
+    text = str(exc)
+    return any(sign in text for sign in ("No space left on device", "os error 28", "Disk quota exceeded",
+                                         "os error 122"))
+
+
+def write_error(path: Path, exc: BaseException, needed_bytes: int | None = None) -> DadpoError:
+    """A failed write of `path` as one line; a full disk says how much was needed and free."""
+    if out_of_space(exc):
         try:
             free = shutil.disk_usage(Path(path).parent).free
         except OSError:
             free = None
-        need = f"about {needed_bytes / 2**20:.1f} MiB needed, " if needed_bytes else ""
-        have = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
-        kind = "disk quota exceeded" if exc.errno != errno.ENOSPC else "no space left on the device"
+        need = f"about {_size_text(needed_bytes)} needed, " if needed_bytes else ""
+        have = f"{_size_text(free)} free" if free is not None else "free space unknown"
+        quota = "quota" in str(exc).lower() or "122" in str(exc) or getattr(exc, "errno", None) == getattr(errno, "EDQUOT", 0)
+        kind = "disk quota exceeded" if quota else "no space left on the device"
         return DadpoError(f"{path}: {kind} ({need}{have}); nothing was published under that name: free space and "
                           "re-run the same command to continue")
-    return DadpoError(f"{path}: cannot write ({exc.strerror or exc})")
+    return DadpoError(f"{path}: cannot write ({getattr(exc, 'strerror', None) or exc})")
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], needed_bytes: int | None = None) -> Path:
@@ -82,12 +99,11 @@ def write_atomic(path: Path, write: Callable[[Path], None], needed_bytes: int | 
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except BaseException as exc:
         written = _size(tmp)
         tmp.unlink(missing_ok=True)
-        raise write_error(path, exc, needed_bytes or written or None) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) or out_of_space(exc):
+            raise write_error(path, exc, needed_bytes or written or None) from None
         raise
     return path
 
@@ -107,12 +123,11 @@ def write_folder_atomic(path: Path, write: Callable[[Path], None], needed_bytes:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except BaseException as exc:
         written = _size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(path, exc, needed_bytes or written or None) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) or out_of_space(exc):
+            raise write_error(path, exc, needed_bytes or written or None) from None
         raise
     return path
 

@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import polars as pl
@@ -255,7 +255,7 @@ def run_pass(job: _PassJob) -> dict:
                         cfg.progress)
     responses = tokens = 0
     try:
-        for k in job.chunks:
+        for k in progress.each(job.chunks):
             rows = prompts.slice(k * cfg.chunk_size, cfg.chunk_size)
             prompt_ids = []
             for row_id, prompt_json in rows.iter_rows():
@@ -275,15 +275,10 @@ def run_pass(job: _PassJob) -> dict:
             responses += rows.height
             tokens += sum(len(ids) for ids, _ in outputs)
             progress.tokens(sum(len(ids) for ids, _ in outputs))
-            progress.unit_done()
-            if stop.requested():
-                break  # the chunk in flight is published; the rest waits for the re-run
     finally:
         progress.close()
         engine.close()
-    seconds = progress.seconds()
-    return {"responses": responses, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "vocab_digest": tokenizer.vocab}
+    return {**progress.stats(tokens), "responses": responses, "vocab_digest": tokenizer.vocab}
 
 
 # ---- assembly -----------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ model honours that mask. Padded (a row per pair) and packed (every pair in one r
 
 from __future__ import annotations
 
-import inspect
-import math
+import functools
+import gc
+
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -39,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dadpo.errors import DadpoError
+from dadpo.scoring.base import Scorer
 
 # Vocab rows per chunk: 4096 tokens x 152k vocab x 4 bytes is 2.5 GB at Qwen2.5 sizes, which
 # is the most we are willing to hold at once.
@@ -51,14 +53,14 @@ class ResponseBatch:
 
     input_ids: torch.Tensor  # [N, L] padded, or [1, T] packed
     attention_mask: torch.Tensor | None  # [N, L]; None when packed
-    position_ids: torch.Tensor | None  # [1, T] restarting at 0 per sequence when packed; None when padded
+    position_ids: torch.Tensor | None  # [1, T] restarting at 0 per sequence when packed; None when padded (unshared)
     row: torch.Tensor  # [R] row of input_ids holding each response token
     position: torch.Tensor  # [R] column whose hidden state predicts that token (t-1)
     target: torch.Tensor  # [R] the response token id
     sequence: torch.Tensor  # [R] index of the sequence the token belongs to
     num_sequences: int
     num_tokens: int  # real (non-pad) tokens fed to the decoder
-    # prefix sharing only (collate_pairs); position_ids then always set, attention_mask as above
+    # prefix sharing only (collate_pairs): position_ids are then set in both layouts
     document: torch.Tensor | None = None  # [N, L] pair of each token (-1: padding)
     branch: torch.Tensor | None = None  # [N, L] 0 prompt, 1 chosen, 2 rejected
 
@@ -188,8 +190,10 @@ def shared_attention_mask(batch: ResponseBatch, attn_implementation: str, dtype:
     if attn_implementation == "sdpa":
         return allowed
     if attn_implementation == "eager":  # eager adds the mask to the scores
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    raise DadpoError(f"prefix sharing: attention implementation {attn_implementation} takes no custom mask")
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
+    raise DadpoError(f"prefix sharing: attention implementation {attn_implementation} takes no custom mask; "
+                     "run with prefix sharing off")
 
 
 def _chunk_logprobs(lm_head: nn.Module, hidden: torch.Tensor, target: torch.Tensor, softcap: float | None):
@@ -241,120 +245,6 @@ class ResponseLogprobs(nn.Module):
         return sums.index_add(0, batch.sequence, token_logprobs.double())
 
 
-def _layout_difference(logprobs: nn.Module, unwrapped: ResponseLogprobs, reference: ResponseBatch,
-                       other: ResponseBatch, device, failure: str) -> tuple[float, float]:
-    """Largest |difference| per response token between two layouts of the same sequences (inf if
-    not finite), and the tolerance for the model's dtype. Eval mode, no grad; the mode is restored.
-    An exception from the model on `other` becomes DadpoError(failure.format(error=...))."""
-    was_training = logprobs.training
-    logprobs.eval()
-    try:
-        with torch.no_grad():
-            expected = logprobs(reference.to(device))
-            try:
-                got = logprobs(other.to(device))
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:  # e.g. model code that cannot take position_ids boundaries or a 4D mask
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                raise DadpoError(failure.format(error=f"{type(exc).__name__}: {first_line}")) from None
-    finally:
-        logprobs.train(was_training)
-    counts = torch.bincount(reference.sequence, minlength=reference.num_sequences).clamp(min=1)
-    per_token = float(((got - expected).abs() / counts.to(expected.device)).max())
-    dtype = next(unwrapped.model.parameters()).dtype
-    # nats per token. Layout noise is ~1e-7 in fp32 and ~1e-4 in bf16; a model that lets one
-    # sequence see another is off by ~1e-2 even at random init.
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-3
-    return (per_token if math.isfinite(per_token) else math.inf), tolerance
-
-
-def check_packing(logprobs: nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
-                  device, where: str, unwrapped: ResponseLogprobs | None = None) -> float:
-    """Refuse (DadpoError) unless packed log-probs of `sequences` equal the padded ones.
-
-    A model whose attention ignores position_ids boundaries (a custom mask, remote code, an old
-    attention implementation) lets packed sequences see each other; that shows up here as a
-    difference far above float rounding. Returns the largest difference per response token.
-    `logprobs` may be wrapped (DDP, FSDP); then `unwrapped` is the ResponseLogprobs inside.
-    """
-    unwrapped = unwrapped or logprobs
-    decoder = unwrapped.model.get_decoder()
-    if "position_ids" not in inspect.signature(decoder.forward).parameters:
-        raise DadpoError(f"--packing: {where} does not take position_ids, so packed sequences cannot be "
-                         "separated; run without --packing")
-    per_token, tolerance = _layout_difference(
-        logprobs, unwrapped, collate(sequences, 0), collate(sequences, 0, packed=True), device,
-        f"--packing: {where} fails on a packed batch ({{error}}); run without --packing")
-    if per_token > tolerance:
-        raise DadpoError(f"--packing: {where} lets packed sequences attend to each other (packed and padded "
-                         f"log-probs differ by {per_token:.3g} nats per token); its attention ignores "
-                         "position_ids boundaries, run without --packing")
-    return per_token
-
-
-# ---------------------------------------------------------------- prefix sharing: support and check
-
-SHARING_ATTENTION = ("sdpa", "eager", "flex_attention")  # implementations that take a custom 4D mask
-
-
-def sharing_support(model: nn.Module) -> str | None:
-    """None when `model` (a causal LM) can take a prefix-shared batch, else why not (static: from
-    its config and signature; check_sharing() then verifies the numbers)."""
-    config = model.config
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in SHARING_ATTENTION:
-        return f"its attention implementation {implementation} takes no custom attention mask " \
-               f"(only {', '.join(SHARING_ATTENTION)} do)"
-    if "position_ids" not in inspect.signature(model.get_decoder().forward).parameters:
-        return "its decoder does not take position_ids"
-    # A custom mask replaces the model's own masks, sliding-window ones included, and a short
-    # probe would not show the difference; token mixers other than attention (recurrent, conv)
-    # ignore it. Refuse any layer kind but full attention outright.
-    kinds = set(getattr(config, "layer_types", None) or []) | set(getattr(config, "attention_layers", None) or [])
-    other_layers = sorted(kinds - {"full_attention", "global"})  # GPT-Neo calls full attention "global"
-    if other_layers:
-        return f"it has {'/'.join(other_layers)} layers, which a custom attention mask cannot govern"
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        return f"it uses a sliding attention window ({window} tokens), which a custom mask would replace"
-    if getattr(config, "attention_chunk_size", None):
-        return "it uses chunked attention, which a custom mask would replace"
-    return None
-
-
-def probe_pairs(vocab_size: int) -> list[Pair]:
-    """Random pairs for check_sharing (any tokenizer, any model): a long prompt first, responses
-    of 1 to 16 tokens."""
-    generator = torch.Generator().manual_seed(0)
-    ids = lambda n: torch.randint(0, vocab_size, (n,), generator=generator).tolist()  # noqa: E731
-    return [(ids(48), ids(16), ids(12)), (ids(5), ids(1), ids(7)), (ids(9), ids(4), ids(1)), (ids(3), ids(8), ids(8))]
-
-
-def check_sharing(logprobs: nn.Module, pairs: Sequence[Pair], device, where: str,
-                  unwrapped: ResponseLogprobs | None = None) -> float:
-    """Refuse (DadpoError) unless prefix-shared log-probs of `pairs` (padded and packed) equal the
-    unshared ones. Returns the largest difference per response token. `logprobs` may be wrapped
-    (DDP, FSDP); then `unwrapped` is the ResponseLogprobs inside."""
-    unwrapped = unwrapped or logprobs
-    reason = sharing_support(unwrapped.model)
-    if reason:
-        raise DadpoError(f"prefix sharing: {where} cannot share prompts: {reason}; run with prefix sharing off")
-    unshared = collate(pair_sequences(pairs), 0)
-    worst = 0.0
-    for packed in (False, True):
-        per_token, tolerance = _layout_difference(
-            logprobs, unwrapped, unshared, collate_pairs(pairs, 0, packed=packed), device,
-            f"prefix sharing: {where} fails on a prefix-shared batch ({{error}}); run with prefix sharing off")
-        if per_token > tolerance:
-            raise DadpoError(f"prefix sharing: {where} computes other log-probs with a shared prompt "
-                             f"(shared and unshared differ by {per_token:.3g} nats per token): it ignores a "
-                             "custom 4D attention mask or does not number positions 0, 1, 2, ...; run with prefix "
-                             "sharing off")
-        worst = max(worst, per_token)
-    return worst
-
-
 def score_pairs(logprobs: nn.Module, pairs: Sequence[Pair], pad_id: int, device, batch_size: int = 8, *,
                 shared: bool = True, on_tokens: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """float64 (log pi(chosen | prompt), log pi(rejected | prompt)) per pair, in input order, from a
@@ -380,3 +270,62 @@ def score_pairs(logprobs: nn.Module, pairs: Sequence[Pair], pad_id: int, device,
     finally:
         logprobs.train(was_training)
     return chosen, rejected
+
+
+# ---------------------------------------------------------------- the hf scoring backend
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HFScorer(Scorer):
+    """cache-teacher's hf backend (dadpo.scoring.base.Scorer): ResponseLogprobs on a transformers model,
+    batched longest first. score_pairs() runs each pair's prompt once where the model computes exactly
+    the unshared numbers that way (checked once, on first use: sharing_refused says why not)."""
+
+    def __init__(self, model, dtype: str, options, pad_id: int, trust_remote_code: bool = False):
+        from dadpo.modeling import load_causal_lm
+
+        self.device = options.device or default_device()
+        self.batch_size, self.pad_id, self.name = options.batch_size, pad_id, model.name
+        self.logprobs = ResponseLogprobs(load_causal_lm(model, dtype, trust_remote_code)).to(self.device)
+
+    def score(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+              on_tokens: Callable[[int], None] | None = None) -> np.ndarray:
+        # Longest first: similar lengths share a batch (little padding), and an out-of-memory error
+        # shows up on the first batch rather than hours in.
+        order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
+        result = np.empty(len(sequences), dtype=np.float64)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                indices = order[start : start + self.batch_size]
+                batch = collate([sequences[i] for i in indices], self.pad_id)
+                result[indices] = self.logprobs(batch.to(self.device)).cpu().numpy()
+                if on_tokens is not None:
+                    on_tokens(batch.num_tokens)
+        return result
+
+    def score_pairs(self, pairs: Sequence[Pair], on_tokens: Callable[[int], None] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(log pi(chosen | prompt), log pi(rejected | prompt)) per pair, in input order: the numbers
+        score() gives for the 2n sequences. batch_size counts sequences (batch_size // 2 pairs a batch)."""
+        return score_pairs(self.logprobs, pairs, self.pad_id, self.device, self.batch_size,
+                           shared=self.sharing_refused is None, on_tokens=on_tokens)
+
+    @functools.cached_property
+    def sharing_refused(self) -> str | None:
+        """None when score_pairs shares prompts, else the one-line reason it does not."""
+        from dadpo.layout_checks import check_sharing, probe_pairs
+
+        try:
+            check_sharing(self.logprobs, probe_pairs(self.logprobs.model.config.vocab_size), self.device, self.name)
+        except DadpoError as exc:
+            return str(exc)
+        return None
+
+    def close(self) -> None:
+        self.__dict__.pop("logprobs", None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

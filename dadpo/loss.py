@@ -9,6 +9,12 @@ Each pair has a prompt x, a teacher response y_t (`chosen`) and a student respon
 
 policy = the student being trained, ref = the frozen dSFT student, teacher = the frozen teacher.
 beta2 = 0 is plain DPO (dDPO); beta1 = 0 is DPO with the teacher as the reference (rDPO).
+
+Several teachers: log teacher(y) is their weighted mean sum_k w_k log teacher_k(y) (weights summing
+to 1). That is the log of the geometric mixture prod_k teacher_k(y)^w_k, up to its normaliser, which
+is the same for y_t and y_s and so cancels in h_teacher: the paper's derivation, with one reference
+distribution, goes through unchanged with the mixture in the teacher's place. The caller (the daDPO
+recipe) forms that mean; this function takes the one teacher log-prob it gives.
 """
 
 import math

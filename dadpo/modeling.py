@@ -229,17 +229,12 @@ def _file_sha256(file: Path) -> str:
         memo = {}
     if key in memo:
         return memo[key]
-    digest = hashlib.sha256()
-    with open(target, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    memo[key] = digest.hexdigest()
+    from dadpo.atomic import sha256_file, write_json_atomic
+
+    memo[key] = sha256_file(target)
     try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
-    except OSError:
+        write_json_atomic(memo_path, memo)
+    except DadpoError:
         pass  # the memo only saves time
     return memo[key]
 

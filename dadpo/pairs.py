@@ -31,7 +31,7 @@ from dadpo.errors import DadpoError
 from dadpo.pairs_rows import (REQUIRED_COLUMNS, RESPONSE_COLUMNS, SIDES, TOKEN_IDS, ChunkResponses, normalize_id, pair,
                               prompt_only)
 from dadpo.pairs_sources import ABSENT, Chunk, open_source
-from dadpo.tokenization import PROMPT_FORMATS, Response, pair_responses  # noqa: F401  (the rows' readers use them)
+from dadpo.tokenization import PROMPT_FORMATS
 
 CHUNK_ROWS = 4096  # rows read, checked and written at a time: one row group of the normalised file
 _RECENT_GROUPS = 2  # row groups NormalizedFile.slice keeps decoded (a slice that straddles two reads both)
@@ -96,7 +96,6 @@ def decode_prompt(prompt_json: str) -> list[dict] | str:
     return json.loads(prompt_json)
 
 
-prompt_messages = decode_prompt  # the older name, until every caller says decode_prompt
 
 
 def load_pairs(path: str | os.PathLike, *, split: str | None = None, prompt_format: str = "chat",

@@ -142,8 +142,18 @@ class Progress:
             rate = self.count / max(now - self.started, 1e-9)
             print(f"{self.desc}: {self.done}/{self.total_units} {self.unit}s done, {rate:.0f} tok/s", flush=True)
 
-    def seconds(self) -> float:
-        return time.monotonic() - self.started
+    def each(self, units: list):
+        """The pass's units one at a time; after each, the progress line, and a stop signal ends the
+        pass there (the unit in flight is finished and published first; the re-run does the rest)."""
+        for unit in units:
+            yield unit
+            self.unit_done()
+            if stop.requested():
+                return
+
+    def stats(self, tokens: int) -> dict:
+        seconds = time.monotonic() - self.started
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
     def close(self) -> None:
         if self.bar is not None:

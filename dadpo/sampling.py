@@ -16,7 +16,6 @@ sample_responses() is the one-call version (e.g. greedy evaluation of a trained 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Sequence
 
 from dadpo.engine import EngineOptions, build_llm, checkpoint_dtype, shutdown_llm
@@ -52,7 +51,7 @@ class HFSampler:
         import torch
 
         from dadpo.modeling import load_causal_lm
-        from dadpo.scoring.hf import default_device
+        from dadpo.logprobs import default_device
 
         self.torch, self.sampling, self.stream, self.batch_size = torch, sampling, stream, engine.batch_size
         self.device = engine.device or default_device()

@@ -266,6 +266,9 @@ def pad_id_of(tokenizer) -> int:
     return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
 
+DROPPED_NAME = "dropped_ids.txt"  # where a cache or an sft run lists the pairs the length rule left out
+
+
 def length_rule(num_tokens: int, max_length: int | None, on_overlong: str, where: str) -> bool:
     """The length rule: True when a pair of `num_tokens` prompt+response tokens is over --max-length
     and so dropped whole (never truncated); with on_overlong="error" it stops the run instead."""

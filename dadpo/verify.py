@@ -19,7 +19,6 @@ against the reference (~0 when the cache is faithful).
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from dadpo.cache import Cache, open_cache
 from dadpo.cache.layout import teacher_prefix
 from dadpo.errors import DadpoError
-from dadpo.logprobs import ResponseLogprobs, collate
+from dadpo.logprobs import ResponseLogprobs, score_pairs
 from dadpo.modeling import ResolvedModel, check_dtype, load_causal_lm, model_tokenizer, resolve_model
 from dadpo.config import VerifyConfig
 from dadpo.pairs import decode_prompt
@@ -79,25 +78,6 @@ def describe(stats: dict) -> str:
 # ---------------------------------------------------------------- scoring with the trainer's computation
 
 
-def score_sequences(logprobs: torch.nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
-                    pad_id: int, device, batch_size: int = 8) -> np.ndarray:
-    """float64 log pi(response | prompt) per sequence, in input order, from a ResponseLogprobs
-    (possibly wrapped by accelerate). Runs in eval mode, no grad; the mode is restored after."""
-    order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
-    result = np.empty(len(sequences), dtype=np.float64)
-    was_training = logprobs.training
-    logprobs.eval()  # no dropout: the cached numbers were computed without it
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                indices = order[start:start + batch_size]
-                batch = collate([sequences[i] for i in indices], pad_id).to(device)
-                result[indices] = logprobs(batch).double().cpu().numpy()
-    finally:
-        logprobs.train(was_training)
-    return result
-
-
 def _as_logprobs(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(model, ResponseLogprobs) or isinstance(getattr(model, "module", None), ResponseLogprobs):
         return model
@@ -105,7 +85,7 @@ def _as_logprobs(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def reference_drift(policy: torch.nn.Module, rows: pl.DataFrame, pad_id: int, device=None,
-                    batch_size: int = 8) -> dict:
+                    batch_size: int = 8, shared: bool = False) -> dict:
     """Re-score the cached reference token ids of `rows` with `policy` and compare with ref_logp_*.
 
     policy: a ResponseLogprobs (as train holds it, possibly accelerate-wrapped) or a bare causal
@@ -119,10 +99,8 @@ def reference_drift(policy: torch.nn.Module, rows: pl.DataFrame, pad_id: int, de
     """
     logprobs = _as_logprobs(policy)
     device = device or next(logprobs.parameters()).device
-    prompts = rows["ref_prompt_ids"].to_list()
-    chosen, rejected = rows["ref_chosen_ids"].to_list(), rows["ref_rejected_ids"].to_list()
-    scores = score_sequences(logprobs, list(zip(prompts, chosen)) + list(zip(prompts, rejected)), pad_id, device,
-                             batch_size)
+    pairs = list(zip(*(rows[f"ref_{name}_ids"].to_list() for name in ("prompt", "chosen", "rejected"))))
+    scores = np.concatenate(score_pairs(logprobs, pairs, pad_id, device, batch_size, shared=shared))
     cached = np.concatenate([rows["ref_logp_chosen"].to_numpy(), rows["ref_logp_rejected"].to_numpy()])
     ntok = np.concatenate([rows["ref_ntok_chosen"].to_numpy(), rows["ref_ntok_rejected"].to_numpy()])
     n = rows.height
@@ -131,16 +109,17 @@ def reference_drift(policy: torch.nn.Module, rows: pl.DataFrame, pad_id: int, de
 
 
 def teacher_drift(teacher: torch.nn.Module, tokenizer: ModelTokenizer, rows: pl.DataFrame, pad_id: int,
-                  device=None, batch_size: int = 8, where: str = "cache", name: str = "") -> dict:
+                  device=None, batch_size: int = 8, where: str = "cache", name: str = "", shared: bool = False) -> dict:
     """Re-tokenize `rows` (PAIR_COLUMNS plus id and the teacher's columns) for the teacher by the one
     rule, check the token counts against its cached ntok, re-score with `teacher` and compare with
     its cached log-probs."""
     prefix = teacher_prefix(name)
-    sequences, counts = {"chosen": [], "rejected": []}, {"chosen": [], "rejected": []}
+    pairs, counts = [], {"chosen": [], "rejected": []}
     for row in rows.iter_rows(named=True):
         responses = dict(zip(("chosen", "rejected"), pair_responses(row)))
         label = f"{where} row id '{row['id']}' (teacher{' ' + name if name else ''})"
         prompt_ids = tokenizer.encode_prompt(decode_prompt(row["prompt"]), label)
+        pairs.append([prompt_ids])
         for column in ("chosen", "rejected"):
             response_ids = tokenizer.encode_response(responses[column], prompt_ids, label)
             cached_count = row[f"{prefix}_ntok_{column}"]
@@ -148,11 +127,11 @@ def teacher_drift(teacher: torch.nn.Module, tokenizer: ModelTokenizer, rows: pl.
                 raise DadpoError(f"{label}: the teacher tokenizer gives {len(response_ids)} {column} tokens, the "
                                  f"cache recorded {prefix}_ntok_{column} = {cached_count}; the cache was made with "
                                  "another tokenizer or tokenization rule")
-            sequences[column].append((prompt_ids, response_ids))
+            pairs[-1].append(response_ids)
             counts[column].append(len(response_ids))
     logprobs = _as_logprobs(teacher)
     device = device or next(logprobs.parameters()).device
-    scores = score_sequences(logprobs, sequences["chosen"] + sequences["rejected"], pad_id, device, batch_size)
+    scores = np.concatenate(score_pairs(logprobs, pairs, pad_id, device, batch_size, shared=shared))
     cached = np.concatenate([rows[f"{prefix}_logp_chosen"].to_numpy(), rows[f"{prefix}_logp_rejected"].to_numpy()])
     return {**drift_stats(scores, cached, np.array(counts["chosen"] + counts["rejected"])), "pairs": rows.height}
 
@@ -212,8 +191,8 @@ def verify_cache(cfg: VerifyConfig) -> dict:
         raise DadpoError(f"{flag} {model.name}: its tokenizer or chat template differs from the cache's reference "
                          f"({reference['model']}); the cached token ids would not match this model")
     result["reference"] = {"model": model.name, "dtype": cfg.dtype, "device": device, "cached_with": _made_by(reference),
-                           **_with_loaded(model, cfg, device, flag, lambda lm: reference_drift(
-                               lm, rows, pad_id_of(tokenizer), device, cfg.batch_size))}
+                           **_with_loaded(model, cfg, device, flag, lambda lm, shared: reference_drift(
+                               lm, rows, pad_id_of(tokenizer), device, cfg.batch_size, shared))}
     result["teachers"] = {}
     for name, record in teachers.items():
         teacher = _model_of(record, "teacher")
@@ -226,9 +205,9 @@ def verify_cache(cfg: VerifyConfig) -> dict:
                              "was made with; the cached token ids would not match this model")
         result["teachers"][name] = {"model": teacher.name, "dtype": cfg.dtype, "device": device,
                                     "cached_with": _made_by(record),
-                                    **_with_loaded(teacher, cfg, device, label, lambda lm: teacher_drift(
+                                    **_with_loaded(teacher, cfg, device, label, lambda lm, shared: teacher_drift(
                                         lm, tokenizer, rows, pad_id_of(tokenizer.tokenizer), device, cfg.batch_size,
-                                        where=str(cfg.cache), name=name))}
+                                        where=str(cfg.cache), name=name, shared=shared))}
     result["teacher"] = result["teachers"].get("") if len(result["teachers"]) == 1 else None
     return result
 
@@ -239,11 +218,19 @@ def _made_by(record: dict) -> str:
 
 
 def _with_loaded(model: ResolvedModel, cfg: VerifyConfig, device: str, flag: str, measure) -> dict:
-    """Load one model in the training dtype, measure, free it before the next one loads."""
+    """Load one model in the training dtype, measure (prompts shared where the model's check holds, as
+    the trainer runs them), free it before the next one loads."""
+    from dadpo.layout_checks import check_sharing, probe_pairs
+
     lm = load_causal_lm(model, cfg.dtype, cfg.trust_remote_code, flag)
     logprobs = ResponseLogprobs(lm).to(device)
     try:
-        return measure(logprobs)
+        try:
+            check_sharing(logprobs, probe_pairs(lm.config.get_text_config().vocab_size), device, model.name)
+            shared = True
+        except DadpoError:
+            shared = False
+        return {**measure(logprobs, shared), "prefix_shared": shared}
     finally:
         del logprobs, lm
         gc.collect()

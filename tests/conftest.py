@@ -62,6 +62,22 @@ def cache_dir(tmp_path_factory, models, pairs_file) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tokenized_pairs(models, pairs_file) -> dict[str, list[tuple[list[int], list[int], list[int]]]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of every pair in pairs_file, per model family
+    ("teacher", "student"), tokenized by rule v2 with the family's chat template."""
+    from dadpo.modeling import model_tokenizer, resolve_model
+    from dadpo.pairs import decode_prompt, load_pairs
+    from dadpo.tokenization import pair_responses
+
+    rows = list(load_pairs(pairs_file).read().iter_rows(named=True))
+    result = {}
+    for name in ("teacher", "student"):
+        rule = model_tokenizer(resolve_model(str(models[name])), f"--{name}")
+        result[name] = [rule.encode_pair(decode_prompt(row["prompt"]), *pair_responses(row), row["id"]) for row in rows]
+    return result
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """In-process training on one intra-op thread (use with pytest.mark.usefixtures), restored afterwards."""

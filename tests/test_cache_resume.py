@@ -7,7 +7,6 @@ refuses the folder until every worker's shards are there."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import polars as pl
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

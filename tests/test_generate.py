@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -15,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from support import assert_one_line_error, run_cli, write_jsonl
+from dadpo.stop import EXIT_STOPPED
+from support import assert_one_line_error, run_cli, signal_when, start_cli, write_jsonl
 from dadpo.errors import DadpoError
 from dadpo.engine import EngineOptions
 from dadpo.generate import METADATA_KEY, GenerateConfig, generate_pairs, read_generation_settings, work_dir
@@ -120,22 +120,24 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(sampled, prompts_file, 
                                                                                seed=3)))
 
 
-def test_killed_run_resumes_to_the_same_pairs(prompts_file, models, sampled, tmp_path):
-    """kill -9 after the first chunk is on disk; the re-run keeps it and ends with the same file."""
-    out = tmp_path / "killed.parquet"
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+def test_an_interrupted_run_resumes_to_the_same_pairs(prompts_file, models, sampled, tmp_path, signal_number):
+    """kill -9, or a stop signal, after the first chunk is on disk: the re-run keeps the finished chunks
+    and ends with the same file. A stop signal finishes the chunk in flight and exits with 75."""
+    out = tmp_path / "interrupted.parquet"
     args = ["generate", "--prompts", prompts_file, "--teacher", models["teacher"], "--student", models["student"],
             "--out", out, "--backend", "hf", "--max-new-tokens", 12, "--seed", 3, "--chunk-size", 5,
             "--batch-size", 4, "--quiet"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([sys.executable, "-m", "dadpo.cli.main", *map(str, args)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_cli(*args)
     first = work_dir(out) / "teacher" / "00000.parquet"
-    deadline = time.monotonic() + 120
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert first.exists() and not out.exists(), "the run ended before it could be interrupted"
+    assert signal_when(process, first.exists, signal_number), "the run ended before it could be interrupted"
+    _, stderr = process.communicate(timeout=300)
+    if signal_number == signal.SIGTERM:
+        assert process.returncode == EXIT_STOPPED, stderr
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], stderr
+    assert first.exists() and not out.exists()
+    assert not list(work_dir(out).rglob("*.tmp"))
     kept = len(list(first.parent.glob("*.parquet")))
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""The hf backend against a naive one-sequence-at-a-time computation."""
+"""The hf backend against a naive one-sequence-at-a-time computation, and its prefix-shared score_pairs."""
 
 from __future__ import annotations
 
@@ -7,38 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dadpo.logprobs import ResponseLogprobs, collate
-from dadpo.modeling import resolve_model
-from dadpo.pairs import prompt_messages
 from dadpo.engine import EngineOptions
-from dadpo.scoring.hf import HFScorer
-from dadpo.tiny import make_tiny_pairs
-from dadpo.pairs import load_pairs
-from dadpo.tokenization import tokenize_example
-
-
-def naive_logprob(model, prompt_ids, response_ids) -> float:
-    """log pi(response | prompt) from a full-vocabulary forward pass on one unpadded sequence."""
-    ids = torch.tensor([prompt_ids + response_ids])
-    with torch.no_grad():
-        logprobs = model(ids).logits[0].double().log_softmax(-1)
-    start = len(prompt_ids)
-    return float(sum(logprobs[start + i - 1, token] for i, token in enumerate(response_ids)))
+from dadpo.layout_checks import probe_pairs
+from dadpo.logprobs import HFScorer, ResponseLogprobs, collate, pair_sequences, score_pairs
+from dadpo.modeling import resolve_model
+from support import naive_logprob
 
 
 @pytest.fixture(scope="module")
-def sequences(models, pairs_file):
+def sequences(tokenized_pairs):
     """Tokenized (prompt, response) for both models, lengths from a few to ~150 tokens."""
-    pairs = load_pairs(pairs_file)
-    result = {}
-    for name in ("teacher", "student"):
-        tok = AutoTokenizer.from_pretrained(models[name])
-        seqs = []
-        for prompt_json, chosen, rejected in pairs.frame.select("prompt", "chosen", "rejected").iter_rows():
-            for response in (chosen, rejected):
-                seqs.append(tokenize_example(tok, prompt_messages(prompt_json), response, chat=True))
-        result[name] = seqs[:24]
-    return result
+    return {name: [seq for p, c, r in pairs for seq in ((p, c), (p, r))][:24] for name, pairs in tokenized_pairs.items()}
 
 
 @pytest.mark.parametrize("name", ["teacher", "student"])
@@ -47,8 +26,8 @@ def test_hf_scorer_matches_naive(models, sequences, name):
     lengths = {len(p) + len(r) for p, r in seqs}
     assert max(lengths) > 2 * min(lengths)  # batches really mix lengths (padding in play)
     tok = AutoTokenizer.from_pretrained(models[name])
-    scorer = HFScorer(ModelSpec(str(models[name]), dtype="float32"), EngineOptions(batch_size=5, device="cpu"),
-                      resolve_model(str(models[name])), tok.pad_token_id)
+    scorer = HFScorer(resolve_model(str(models[name])), "float32", EngineOptions(batch_size=5, device="cpu"),
+                      tok.pad_token_id)
     scored_tokens = []
     scores = scorer.score(seqs, on_tokens=scored_tokens.append)
     assert scores.dtype == np.float64 and scores.shape == (len(seqs),)
@@ -71,3 +50,42 @@ def test_chunked_head_equals_unchunked_and_has_gradients(models, sequences):
     model.zero_grad()
     whole.sum().backward()
     torch.testing.assert_close(grads_chunked, model.lm_head.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def hf_scorer(path, pad_id: int, batch_size: int = 5) -> HFScorer:
+    return HFScorer(resolve_model(str(path)), "float32", EngineOptions(batch_size=batch_size, device="cpu"), pad_id)
+
+
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_score_pairs_shares_prompts_and_equals_score(models, tokenized_pairs, name):
+    pairs = tokenized_pairs[name][:13]
+    scorer = hf_scorer(models[name], AutoTokenizer.from_pretrained(models[name]).pad_token_id)
+    counted = []
+    chosen, rejected = scorer.score_pairs(pairs, on_tokens=counted.append)
+    assert scorer.sharing_refused is None  # the tiny Llama and Qwen3 take the shared layout
+    expected = scorer.score(pair_sequences(pairs))
+    assert chosen.dtype == rejected.dtype == np.float64 and chosen.shape == rejected.shape == (13,)
+    np.testing.assert_allclose(chosen, expected[:13], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(rejected, expected[13:], atol=1e-5, rtol=0)
+    assert len(counted) == 7  # batch_size 5 sequences: 2 pairs per batch
+    assert sum(counted) == sum(len(p) + len(r) for p, r in pair_sequences(pairs))  # what score() reports
+
+
+def test_score_pairs_falls_back_to_unshared(tmp_path):
+    """A Mistral with an 8-token sliding window would get other numbers from the shared layout:
+    the scorer notices from its config, says why, and scores the pairs unshared."""
+    from transformers import MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, intermediate_size=128, sliding_window=8)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
+    scorer = hf_scorer(tmp_path / "mistral", pad_id=0)
+    pairs = probe_pairs(300)
+    chosen, rejected = scorer.score_pairs(pairs)
+    assert scorer.sharing_refused.startswith(f"prefix sharing: {tmp_path / 'mistral'} cannot share prompts: it uses "
+                                             "a sliding attention window (8 tokens)")
+    expected = scorer.score(pair_sequences(pairs))
+    np.testing.assert_allclose(np.concatenate([chosen, rejected]), expected, atol=1e-5, rtol=0)
+    shared_chosen, shared_rejected = score_pairs(scorer.logprobs, pairs, 0, "cpu", shared=True)
+    assert np.abs(np.concatenate([shared_chosen, shared_rejected]) - expected).max() > 1e-2  # sharing would be wrong

@@ -20,8 +20,8 @@ import pytest
 from support import REPO, kill_when, write_data_folder, write_datasets, write_json, write_jsonl, write_parquet
 from dadpo.atomic import sweep_temp_files
 from dadpo.errors import DadpoError
-from dadpo.pairs import (RESPONSE_COLUMNS, Response, decode_prompt, load_pairs, load_prompts,
-                         pair_responses)
+from dadpo.pairs import RESPONSE_COLUMNS, decode_prompt, load_pairs, load_prompts
+from dadpo.tokenization import Response, pair_responses
 
 SYSTEM = {"role": "system", "content": "Be terse."}
 # (prompt messages, chosen text, rejected text, topic): single turn, a system prompt, several turns

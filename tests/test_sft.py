@@ -6,12 +6,10 @@ import json
 
 import polars as pl
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from support import assert_one_line_error, run_cli, write_jsonl
+from support import assert_one_line_error, naive_logprob, run_cli, write_jsonl
 from dadpo.errors import DadpoError
-from dadpo.logprobs import ResponseLogprobs, collate
 from dadpo.config import SftConfig
 from dadpo.recipes.sft import sft
 from dadpo.tiny import make_tiny_pairs
@@ -19,11 +17,10 @@ from dadpo.training.data import global_batch_rows, split_eval
 
 
 def _mean_nll(model_dir, rows: pl.DataFrame, pad_id: int) -> float:
-    """Mean NLL per response token, computed here from scratch (no trainer code)."""
-    model = ResponseLogprobs(AutoModelForCausalLM.from_pretrained(model_dir).eval())
-    with torch.no_grad():
-        logps = model(collate(list(zip(rows["prompt_ids"].to_list(), rows["response_ids"].to_list())), pad_id))
-    return float(-logps.sum() / rows["response_tokens"].sum())
+    """Mean NLL per response token, computed here from scratch (the plain forward of the oracle)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    nll = -sum(naive_logprob(model, p, r) for p, r in zip(rows["prompt_ids"].to_list(), rows["response_ids"].to_list()))
+    return float(nll / rows["response_tokens"].sum())
 
 
 @pytest.fixture(scope="module")

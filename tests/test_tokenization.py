@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from dadpo.errors import DadpoError
 from dadpo.modeling import model_tokenizer, resolve_model
-from dadpo.pairs import Response
+from dadpo.tokenization import Response
 from dadpo.tokenization import vocab_digest
 
 CONVERSATIONS = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
-from dadpo.logprobs import ResponseLogprobs, check_packing, collate, probe_pairs
+from dadpo.layout_checks import check_packing, probe_pairs
+from dadpo.logprobs import ResponseLogprobs, collate
 from dadpo.modeling import load_policy, resolve_model
 from dadpo.recipes.dadpo import TrainConfig, train
 from dadpo.training.data import global_batch_rows, split_eval
@@ -173,3 +175,29 @@ def test_tensorboard_events_and_report_png(cache_dir, models, baseline, tmp_path
     assert_one_line_error(run_cli("report", tmp_path / "nothing-here"), "nothing-here", "no such folder")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli("report", tmp_path / "empty"), "no metrics.jsonl")
+
+
+def test_prefix_sharing_is_on_by_default_and_trains_as_unshared(cache_dir, models, baseline, tmp_path, capsys):
+    """The baseline ran with the default (auto: shared [prompt | chosen | rejected] rows); the same run
+    with chosen and rejected as separate sequences gives the same steps."""
+    run = tmp_path / "unshared"
+    train(TrainConfig(out=str(run), prefix_sharing="off", **settings(cache_dir, models)))
+    assert_same_steps(metrics(run), metrics(baseline), keys=("loss", "margin", "grad_norm"), tolerance=1e-5)
+    # fewer tokens fed per step when the prompt runs once
+    assert metrics(baseline)[0]["tokens_per_s"] > 0 and "prefix sharing is off" not in capsys.readouterr().out
+
+
+def test_prefix_sharing_on_is_refused_for_a_model_that_cannot_share(cache_dir, models, tmp_path, capsys):
+    """A sliding-window attention would need its own mask: `on` refuses in one line, `auto` trains unshared
+    and says why."""
+    windowed = tmp_path / "windowed"
+    shutil.copytree(models["student_b"], windowed)
+    config = json.loads((windowed / "config.json").read_text())
+    (windowed / "config.json").write_text(json.dumps({**config, "sliding_window": 8, "use_sliding_window": True,
+                                                      "layer_types": ["sliding_attention"] * config["num_hidden_layers"]}))
+    result = run_cli("train", "--cache", cache_dir, "--out", tmp_path / "on", "--model", windowed, "--prefix-sharing",
+                     "on", "--max-steps", 1, "--batch-size", 4, "--grad-accum", 1, "--quiet")
+    assert_one_line_error(result, "--prefix-sharing on", "windowed cannot share prompts", "sliding",
+                          "run with --prefix-sharing off")
+    train(TrainConfig(out=str(tmp_path / "auto"), **settings(cache_dir, models, model=str(windowed), max_steps=1)))
+    assert "note: prefix sharing is off for this run" in capsys.readouterr().out

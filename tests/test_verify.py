@@ -115,6 +115,7 @@ def test_library_reuses_a_loaded_policy(caches, models):
 
     everything = verify_cache(VerifyConfig(cache=str(caches["float32"]), sample=1000))
     assert everything["reference"]["pairs"] == 40 and everything["teacher"] is None
+    assert everything["reference"]["prefix_shared"] is True  # re-scored as the trainer runs it: prompts once
 
 
 def test_teacher_token_counts_must_match_the_cache(caches, models):

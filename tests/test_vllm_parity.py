@@ -10,7 +10,6 @@ enforce_eager, so both execution modes are checked against HF), and two in the C
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,8 +24,8 @@ from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
 from dadpo.engine import EngineOptions
 from dadpo.modeling import model_tokenizer, resolve_model
-from dadpo.pairs import Response
-from dadpo.scoring.hf import HFScorer
+from dadpo.tokenization import Response
+from dadpo.logprobs import HFScorer
 from dadpo.tiny import _FILLER, make_tiny_pairs
 
 TOLERANCE = 1e-4  # nats per sentence, fp32
@@ -188,11 +187,14 @@ def test_cache_teacher_vllm_gives_the_hf_cache(vllm_ready, models, tmp_path):
               "--dtype", "float32", "--max-length", limit, "--shard-size", 7, "--quiet"]
     caches = {}
     for backend in ("hf", "vllm"):
-        extra = ["--vllm-arg", "enforce_eager=true"] if backend == "vllm" else []  # halves engine start on CPU
+        # eager halves engine start on CPU; 32-token KV blocks let the tiny prompts hit vLLM's prefix cache
+        extra = ["--vllm-arg", "enforce_eager=true", "--vllm-arg", "block_size=32"] if backend == "vllm" else []
         result = run_cli("cache-teacher", *common, "--out", tmp_path / backend, "--backend", backend, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "11 pairs cached, 1 dropped" in result.stdout, result.stdout
         assert "WARNING" not in result.stdout  # engine logs go to stderr; stdout carries the summary
+        if backend == "vllm":  # each pair's rejected request read its prompt's KV from the first one's blocks
+            assert "prompt tokens shared" in result.stdout, result.stdout
         caches[backend] = open_cache(tmp_path / backend)
 
     for backend, cache in caches.items():

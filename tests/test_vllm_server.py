@@ -25,7 +25,7 @@ from dadpo.cache import CacheTeacherConfig, cache_teacher, open_cache
 from dadpo.errors import DadpoError
 from dadpo.modeling import resolve_model
 from dadpo.engine import EngineOptions
-from dadpo.scoring.hf import HFScorer
+from dadpo.logprobs import HFScorer
 from dadpo.scoring.server import ServerScorer, probe_server
 from dadpo.tiny import make_tiny_pairs
 from dadpo.modeling import model_tokenizer
@@ -158,15 +158,17 @@ def test_probe_returns_the_manifest_record(record, vllm_server, models):
 
 @pytest.mark.vllm
 def test_probe_refuses_a_tokenizer_of_another_vocabulary(vllm_server, models):
-    student = AutoTokenizer.from_pretrained(models["student"])  # 656 tokens; the teacher has 600
+    student = AutoTokenizer.from_pretrained(models["student"])  # more tokens than the teacher
+    teacher = AutoTokenizer.from_pretrained(models["teacher"])
+    assert len(student) > len(teacher)
     with pytest.raises(DadpoError) as exc:
         probe_server(vllm_server["url"], tokenizer=student, max_length=None)
-    one_line(exc, f"--teacher-url {vllm_server['url']}: ", "has vocabulary 600", f"has {len(student)}")
+    one_line(exc, f"--teacher-url {vllm_server['url']}: ", f"has vocabulary {len(teacher)}", f"has {len(student)}")
 
 
 @pytest.mark.vllm
 def test_probe_refuses_a_tokenizer_with_the_same_vocabulary_but_other_merges(vllm_server, models, tmp_path):
-    """The teacher's tokenizer with half its merges dropped: same 600 ids, other token ids for text."""
+    """The teacher's tokenizer with half its merges dropped: the same ids, other token ids for text."""
     folder = tmp_path / "tokenizer"
     folder.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -175,7 +177,7 @@ def test_probe_refuses_a_tokenizer_with_the_same_vocabulary_but_other_merges(vll
     spec["model"]["merges"] = spec["model"]["merges"][: len(spec["model"]["merges"]) // 2]
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     other = AutoTokenizer.from_pretrained(folder)
-    assert len(other) == 600
+    assert len(other) == len(AutoTokenizer.from_pretrained(models["teacher"]))
     with pytest.raises(DadpoError) as exc:
         probe_server(vllm_server["url"], tokenizer=other, max_length=None)
     one_line(exc, "tokenizes", "differently from --teacher's tokenizer", "not the same tokenizer")
@@ -228,8 +230,8 @@ def test_a_refused_request_is_one_line_and_never_retried(record, vllm_server):
                           served_model=record["served_model"], retries=3, backoff_s=10)
     start = time.perf_counter()
     with pytest.raises(DadpoError) as exc:
-        scorer.score([([1, 2], [3, 4]), ([1, 2], [3, 600])])
-    one_line(exc, record["url"], "refused sequence 1", "400", "Token id 600 is out of vocabulary")
+        scorer.score([([1, 2], [3, 4]), ([1, 2], [3, 700])])
+    one_line(exc, record["url"], "refused sequence 1", "400", "Token id 700 is out of vocabulary")
     assert time.perf_counter() - start < 5  # a retry would have waited 10 s first
     wrong_model = ServerScorer(record["url"], tokenizer_vocab_size=600, max_length=None, served_model="nope")
     with pytest.raises(DadpoError) as exc:

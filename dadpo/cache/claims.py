@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from dadpo.atomic import write_json_atomic
 from dadpo.cache.layout import CLAIMS_DIR
 from dadpo.cache.manifest import locked
 from dadpo.errors import DadpoError
@@ -58,9 +59,7 @@ def worker_claim(cache_dir: Path, worker_index: int, num_workers: int):
             raise DadpoError(f"--worker-index {worker_index}: worker {worker_index} of {num_workers} is already running "
                              f"on {cache_dir} (host {claim.get('host')}, pid {claim.get('pid')}, since "
                              f"{claim.get('started')}); give each process its own --worker-index")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(mine))
-        os.replace(tmp, path)
+        write_json_atomic(path, mine)
     done = threading.Event()
 
     def heartbeat():

@@ -17,11 +17,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from dadpo.specs import load_spec
+from dadpo.tokenization import DROPPED_NAME
+
+__all__ = ["DROPPED_NAME", "MANIFEST_NAME", "SCHEMA_VERSION", "shard_columns", "shard_file", "teacher_prefix",
+           "work_path"]
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # v1 caches (tokenization rule 1) still train
 MANIFEST_NAME = "manifest.json"
-DROPPED_NAME = "dropped_ids.txt"
 SHARDS_DIR = "shards"
 WORK_DIR = "work"
 CLAIMS_DIR = ".claims"

@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dadpo import stop
 from dadpo.atomic import write_parquet_atomic
 from dadpo.cache.layout import REFERENCE, shard_file, work_path
 from dadpo.cache.manifest import model_records, read_manifest, reuse_identity
@@ -260,17 +259,26 @@ def run_pass(job: PassJob) -> dict:
     progress = Progress(f"{side.role} {side.name} [{side.record['backend']}]", len(job.shards), "shard", job.progress)
     scored = reused = tokens = 0
     try:
-        for k in job.shards:
+        for k in progress.each(job.shards):
             table = pq.read_table(work_path(out, "tokens", k),
                                   columns=["pair_index", "id"] + [f"{side.prefix}_{n}" for n in _IDS])
             prompts, chosen, rejected = (table[f"{side.prefix}_{n}"].to_pylist() for n in _IDS)
             keys = np.array([[sequence_key(p, c), sequence_key(p, r)] for p, c, r in zip(prompts, chosen, rejected)],
                             dtype=np.int64).reshape(-1, 2)
             logps = reuse.lookup(keys)  # NaN where not cached before
-            todo = np.flatnonzero(np.isnan(logps).any(axis=1))
-            if todo.size:
-                triples = [(prompts[i], chosen[i], rejected[i]) for i in todo]
-                logps[todo, 0], logps[todo, 1] = scorer.score_pairs(triples, on_tokens=progress.tokens)
+            missing = np.isnan(logps)
+            both = np.flatnonzero(missing.all(axis=1))  # a pair's prompt computed once for both responses
+            if both.size:
+                triples = [(prompts[i], chosen[i], rejected[i]) for i in both]
+                logps[both, 0], logps[both, 1] = scorer.score_pairs(triples, on_tokens=progress.tokens)
+            single = [(i, which) for i, which in np.argwhere(missing & ~missing.all(axis=1, keepdims=True))]
+            if single:  # e.g. a new student response to a prompt whose teacher response was scored before
+                responses = (chosen, rejected)
+                scores = scorer.score([(prompts[i], responses[which][i]) for i, which in single],
+                                      on_tokens=progress.tokens)
+                for (i, which), score in zip(single, scores):
+                    logps[i, which] = score
+            num_scored = int(missing.sum())
             _refuse_non_finite(logps, table["id"].to_pylist(), k, side, job.source)
             part = pa.table({
                 "pair_index": table["pair_index"],
@@ -279,19 +287,14 @@ def run_pass(job: PassJob) -> dict:
                 "ntok_rejected": pa.array([len(r) for r in rejected], pa.int32()),
                 "key_chosen": pa.array(keys[:, 0], pa.int64()), "key_rejected": pa.array(keys[:, 1], pa.int64()),
             })
-            counts = {"scored": str(2 * int(todo.size)), "reused": str(2 * (len(prompts) - int(todo.size)))}
+            counts = {"scored": str(num_scored), "reused": str(missing.size - num_scored)}
             write_parquet_atomic(part, work_path(out, side.prefix, k), metadata=counts)
-            scored, reused = scored + 2 * int(todo.size), reused + 2 * (len(prompts) - int(todo.size))
-            tokens += sum(2 * len(prompts[i]) + len(chosen[i]) + len(rejected[i]) for i in todo)
-            progress.unit_done()
-            if stop.requested():
-                break  # the shard in flight is published; the rest waits for the re-run
+            scored, reused = scored + num_scored, reused + missing.size - num_scored
+            tokens += sum(len(prompts[i]) + len((chosen, rejected)[which][i]) for i, which in np.argwhere(missing))
     finally:
         progress.close()
         scorer.close()
-    seconds = progress.seconds()
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "sequences_scored": scored, "sequences_reused": reused,
+    return {**progress.stats(tokens), "sequences_scored": scored, "sequences_reused": reused,
             "shared_prompt_tokens": getattr(scorer, "shared_prompt_tokens", 0)}
 
 

@@ -78,7 +78,7 @@ def train(cfg: TrainConfig) -> dict:
 
     if cfg.start_check and trainer.start_step == 0:
         sample = rows.sample(n=min(cfg.start_check, rows.height), seed=cfg.seed)
-        trainer.report_start_check(reference_check(trainer, sample, cfg, pad_id))
+        trainer.report_start_check(reference_check(trainer, sample, cfg, pad_id, shared))
 
     # 3. the steps
     for step in trainer.steps(train_rows, make_batch):
@@ -225,14 +225,14 @@ def cache_fingerprint(cache: Cache) -> str:
     return digest.hexdigest()
 
 
-def reference_check(trainer: Trainer, rows: pl.DataFrame, cfg: TrainConfig, pad_id: int) -> dict:
+def reference_check(trainer: Trainer, rows: pl.DataFrame, cfg: TrainConfig, pad_id: int, shared: bool) -> dict:
     """Step-0 check: re-score `rows` with the policy as loaded (the trainer's own forward pass and
     dtype) and compare with the cached reference log-probs (dadpo.verify). When training starts
     from the reference, the drift is the cache's own error and the mean implicit reward against
     the reference is ~0; a large value means another engine or dtype disagrees with training."""
     from dadpo.verify import describe, reference_drift
 
-    drift = reference_drift(trainer.policy, rows, pad_id, trainer.device, batch_size=cfg.batch_size)
+    drift = reference_drift(trainer.policy, rows, pad_id, trainer.device, batch_size=2 * cfg.batch_size, shared=shared)
     reward = cfg.beta1 * drift.get("signed_mean", 0.0)
     message = (f"start check, policy vs cached reference on {drift['pairs']} pairs: {describe(drift)}; "
                f"step-0 mean implicit reward vs reference {reward:+.3g}")

@@ -25,11 +25,10 @@ from dadpo.logprobs import collate
 from dadpo.modeling import max_positions, model_tokenizer, resolve_model
 from dadpo.config import SftConfig
 from dadpo.pairs import decode_prompt, load_pairs
-from dadpo.tokenization import check_date, length_rule, pad_id_of, pair_responses, parse_template_kwargs, today
+from dadpo.tokenization import DROPPED_NAME, check_date, length_rule, pad_id_of, pair_responses, parse_template_kwargs, today
 from dadpo.training.data import split_eval
 from dadpo.training.trainer import Trainer
 
-DROPPED_NAME = "dropped_ids.txt"  # RUN/dropped_ids.txt: pairs left out by --max-length
 # Summed per micro-batch: NLL in nats, response tokens. (Not "tokens": the trainer's own name for
 # all tokens forwarded, prompts included.)
 METRIC_NAMES = ("loss", "response_tokens")

@@ -45,7 +45,7 @@ def make_scorer(job, side):
         return ServerScorer(side.url, **job.server)
     resolved = ResolvedModel(side.name, side.local_path, side.revision)
     if job.backend == "hf":
-        from dadpo.scoring.hf import HFScorer
+        from dadpo.logprobs import HFScorer
 
         tokenizer = side.tokenizer(job.trust_remote_code).tokenizer
         return HFScorer(resolved, side.record["dtype"], job.engine, pad_id_of(tokenizer), job.trust_remote_code)

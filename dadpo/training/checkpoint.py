@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dadpo.atomic import write_error, write_json_atomic
+from dadpo.atomic import out_of_space, write_error, write_json_atomic
 from dadpo.errors import DadpoError
 from dadpo.training.run_folder import ADAPTER_DIR, CHECKPOINTS_DIR, MODEL_DIR
 
@@ -164,9 +164,12 @@ def save_checkpoint(accelerator, inner_model, model_state: dict | None, optimize
             if keep:
                 for old in list_checkpoints(out)[:-keep]:
                     shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:  # a full disk: the partial folder never becomes a checkpoint
+    except Exception as exc:  # a full disk: the partial folder never becomes a checkpoint
+        written = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file()) if partial.exists() else 0
         shutil.rmtree(partial, ignore_errors=True)
-        raise write_error(partial, exc) from None
+        if isinstance(exc, OSError) or out_of_space(exc):
+            raise write_error(final, exc, written or None) from None
+        raise
     accelerator.wait_for_everyone()
     return final
 

@@ -100,6 +100,7 @@ class Trainer:
                                                                               unit)
         self.record = cfg.record({**record, "global_batch": self.global_batch, "total_steps": self.total_steps,
                                   "num_processes": accelerator.num_processes,
+                                  "distributed_type": str(accelerator.distributed_type.value),
                                   "mixed_precision": accelerator.mixed_precision})
         self.run = RunFolder(cfg.out)
         start = ckpt.find_start(self.run.path, cfg.resume, cfg.overwrite, self.record, run_differences, self.say)
@@ -149,25 +150,25 @@ class Trainer:
         """(prefix sharing, packing) for this run's batches, each checked on the loaded policy first:
         --packing is refused where the model lets packed sequences see each other; prefix sharing
         (pairs only) is on by default where its check holds, and off with a note elsewhere."""
-        from dadpo.logprobs import check_packing, check_sharing, probe_pairs, sharing_support
+        from dadpo.layout_checks import check_packing, check_sharing, probe_pairs
 
         cfg, vocab = self.cfg, self.inner.model.config.get_text_config().vocab_size
         probes = probe_pairs(vocab)
+        # under autocast the forward runs in bf16/fp16 with fp32 weights: judge it by that dtype's tolerance
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
         if cfg.packing:
-            check_packing(self.policy, [(p, c) for p, c, _ in probes], self.device, self.model.name, self.inner)
+            check_packing(self.policy, [(p, c) for p, c, _ in probes], self.device, self.model.name, self.inner,
+                          compute_dtype=compute)
         if not pairs or cfg.prefix_sharing == "off":
             return False, cfg.packing
-        reason = sharing_support(self.inner.model)
-        if reason is None:
-            try:
-                check_sharing(self.policy, probes, self.device, self.model.name, self.inner)
-            except DadpoError as exc:
-                reason = str(exc)
-        if reason is None:
+        try:  # every process: under FSDP the probe's forward gathers the weights
+            check_sharing(self.policy, probes, self.device, self.model.name, self.inner, compute_dtype=compute)
             return True, cfg.packing
+        except DadpoError as exc:
+            reason = str(exc).removeprefix("prefix sharing: ").replace("prefix sharing off", "--prefix-sharing off")
         if cfg.prefix_sharing == "on":
             raise DadpoError(f"--prefix-sharing on: {reason}")
-        self.say(f"note: prefix sharing is off for this run ({reason})")
+        self.say(f"note: prefix sharing is off for this run: {reason.split('; run with')[0]}")
         return False, cfg.packing
 
     # ---------------------------------------------------------------- the loop
