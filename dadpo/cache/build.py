@@ -155,7 +155,8 @@ def _check_flags(cfg: CacheTeacherConfig) -> None:
         raise DadpoError(f"--prompt-format {cfg.prompt_format}: choose {' or '.join(PROMPT_FORMATS)}")
     for flag, value, least in (("--shard-size", cfg.shard_size, 1), ("--num-workers", cfg.num_workers, 1),
                                ("--batch-size", cfg.engine.batch_size, 1), ("--server-concurrency",
-                                                                             cfg.server_concurrency, 1)):
+                                                                             cfg.server_concurrency, 1),
+                               ("--plan-workers", cfg.plan_workers, 0)):
         if value < least:
             raise DadpoError(f"{flag} {value}: must be at least {least}")
     if cfg.max_length is not None and cfg.max_length < 2:
@@ -269,7 +270,7 @@ def _plan(cfg, out: Path, scratch: Path, pairs, sides: Sides, shards: list[int])
 
     plan_shards(shards, read_rows, write, sides.tokenizers(cfg.trust_remote_code),
                 {side.prefix: side.flag for side in sides.in_pass_order()}, sides.max_length, cfg.on_overlong,
-                str(cfg.pairs), getattr(cfg, "plan_workers", 0))  # a config field to come; 0: one per CPU
+                str(cfg.pairs), cfg.plan_workers, cfg.progress)
     return shards
 
 

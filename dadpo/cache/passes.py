@@ -19,8 +19,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import threading
 import time
+import warnings
 from array import array
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dadpo import stop
 from dadpo.atomic import write_parquet_atomic
 from dadpo.cache.layout import REFERENCE, shard_file, work_path
 from dadpo.cache.manifest import model_records, read_manifest, reuse_identity
@@ -139,20 +142,37 @@ def tokenize_shard(rows: Iterable[dict], tokenizers: dict[str, ModelTokenizer], 
 
 def plan_shards(shards: list[int], read_rows: Callable[[int], list[dict]], write: Callable[[int, PlannedShard], None],
                 tokenizers: dict[str, ModelTokenizer], flags: dict[str, str], max_length: int | None,
-                on_overlong: str, source: str, workers: int = 0) -> None:
+                on_overlong: str, source: str, workers: int = 0, progress: bool = False) -> None:
     """tokenize_shard over each shard's rows (read_rows(k): dicts of PLAN_COLUMNS), then write(k, plan),
     in shard order. The tokenizing runs in `workers` forked processes (0: one per CPU, at most 8), a
     bounded window of shards ahead, while this process reads rows and writes files: the workers
     inherit the loaded tokenizers and only tokenize (never polars, whose thread pool does not survive
-    a fork, and never a file). The first failing shard in order raises its error, as one process would."""
-    args = (tokenizers, flags, max_length, on_overlong, source)
+    a fork, and never a file). The first failing shard in order raises its error, as one process would.
+    A stop signal ends the plan after the shard in flight, raising stop.Stopped (the caller keeps
+    nothing of an unfinished plan)."""
+    bar = Progress("plan", len(shards), "shard", progress)
+    tokenized = _tokenized(shards, read_rows, (tokenizers, flags, max_length, on_overlong, source), workers)
+    with contextlib.closing(tokenized):  # closing it ends the workers, after the shards they hold
+        try:
+            for k, planned in bar.each(tokenized):
+                bar.tokens(sum(len(values) for _, values in planned.tokens.values()))
+                write(k, planned)
+        finally:
+            bar.close()
+    if bar.done < len(shards):
+        raise stop.Stopped(f"stopped by {stop.requested()} while tokenizing the pairs ({bar.done} of {len(shards)} "
+                           "shards): nothing was cached yet; re-run the same command to plan again")
+
+
+def _tokenized(shards: list[int], read_rows: Callable[[int], list[dict]], args: tuple, workers: int):
+    """(k, tokenize_shard(read_rows(k), *args)) for each shard in order, tokenized in forked workers."""
     workers = _plan_workers(workers, len(shards))
     if workers <= 1:
         for k in shards:
-            write(k, tokenize_shard(read_rows(k), *args))
+            yield k, tokenize_shard(read_rows(k), *args)
         return
     global _PLAN_ARGS
-    _PLAN_ARGS, pending = args, deque()
+    _PLAN_ARGS, pending, source = args, deque(), args[-1]
     executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
                                    initargs=(os.getpid(),))
     try:
@@ -162,13 +182,13 @@ def plan_shards(shards: list[int], read_rows: Callable[[int], list[dict]], write
                 pending.append((k, executor.submit(_tokenize_in_worker, rows)))
             if len(pending) > 2 * workers:  # rows of a few shards wait in memory, never the whole file
                 done, future = pending.popleft()
-                write(done, _worker_result(future, source))
+                yield done, _worker_result(future, source)
         while pending:
             done, future = pending.popleft()
-            write(done, _worker_result(future, source))
+            yield done, _worker_result(future, source)
     finally:
         _PLAN_ARGS = None
-        executor.shutdown(wait=True, cancel_futures=True)  # after an error: drop what has not started
+        executor.shutdown(wait=True, cancel_futures=True)  # after an error or a stop: drop what has not started
 
 
 _PLAN_ARGS: tuple | None = None  # what plan workers tokenize with: inherited through the fork, never pickled
@@ -189,6 +209,10 @@ def _tokenize_in_worker(rows: list[dict]) -> PlannedShard:
 def _start_worker(parent: int) -> None:
     # The Rust tokenizers' thread pool does not survive a fork: each worker tokenizes on its one thread.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C and the stop signals reach the whole process group: the parent alone decides (it ends the
+    # plan after the shard in flight), so a worker neither dies mid-shard nor prints a traceback.
+    for sig in (signal.SIGINT, *stop.SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
 
     def exit_when_orphaned() -> None:  # the parent was killed (kill -9): do not wait for work forever
         while os.getppid() == parent:
@@ -210,7 +234,9 @@ def _forking(now: bool):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     gc.freeze()
     try:
-        yield
+        with warnings.catch_warnings():  # Python 3.12+ warns of any fork beside threads; the workers only tokenize
+            warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
+            yield
     finally:
         gc.unfreeze()
         if previous is None:
