@@ -9,10 +9,16 @@ assistant lists), then runs `cache-teacher --plan-only` as the library call
 
 in a fresh subprocess: the pairs are read, checked and normalised (dadpo.pairs), then every pair
 is tokenized under both models' chat templates, shard by shard (in the plan's worker processes),
-into CACHE/work/tokens/. The child first imports what the call needs, then reads its own peak
-resident memory (VmHWM in /proc/self/status) before and after the call; it reports the peak above
-a bare interpreter and above itself with the imports done, and the highest of its RSS plus its plan
-workers' private memory (sampled), also above the imports.
+into CACHE/work/tokens/. The child first imports what the call needs and reads its resident
+memory (VmRSS in /proc/self/status), then runs the call and reads its peak (VmHWM); it reports the
+peak above its RSS with the imports done ("above imports": what the pairs cost), above a bare
+interpreter, and the highest of its RSS plus its plan workers' private memory (sampled), also above
+the imports.
+
+With --score, a second fresh child then runs the same call without --plan-only over that plan: the
+models score every pair (--score-backend, hf by default; tiny models unless --teacher/--reference
+name others) and the shards are assembled; it reports the time, tokens/s and peak RSS the same way.
+On CPU only small N are practical (tiny hf models score some 10^4-10^5 tokens/s).
 
 Optionally (--read-check N) it then turns the N-pair plan into a finished cache (score files
 with made-up log-probs beside the plan, then cache-teacher without --plan-only, which only
@@ -24,6 +30,7 @@ others: only their tokenizers and chat templates matter here. Examples:
   python benchmarks/bench_scale.py                                   # N = 10k, 100k, 1M
   python benchmarks/bench_scale.py --sizes 10000,100000,300000 --read-check 100000
   python benchmarks/bench_scale.py --quick                           # N = 1k, short texts (the test)
+  python benchmarks/bench_scale.py --sizes 1000,10000 --score        # plan, then score with the tiny models
   python benchmarks/bench_scale.py --sizes 1000000 --cache-workers 100   # load 1M, plan 1/100 of it
   python benchmarks/bench_scale.py --sizes 10000 --profile           # cProfile of the plan child
 """
@@ -122,7 +129,8 @@ def _import_all() -> None:
     for name in IMPORTS:
         importlib.import_module(name)
     # transformers imports lazily; AutoTokenizer pulls in torch (and more) with it
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+    transformers = importlib.import_module("transformers")
+    transformers.AutoTokenizer, transformers.PreTrainedTokenizerFast
 
 
 def child_bare(args: dict) -> dict:
@@ -138,9 +146,8 @@ def child_plan(args: dict) -> dict:
 
     config = CacheTeacherConfig(pairs=args["pairs"], teacher=[args["teacher"]], reference=args["reference"],
                                 out=args["out"], backend="hf", dtype="float32", shard_size=args["shard_size"],
-                                plan_only=True, progress=False, num_workers=args.get("cache_workers", 1))
-    if args.get("plan_workers"):
-        config.plan_workers = args["plan_workers"]  # read by the plan when given (default: one per CPU, at most 8)
+                                plan_only=True, progress=False, num_workers=args.get("cache_workers", 1),
+                                plan_workers=args.get("plan_workers", 0))
     cpu_before, sampler = _cpu_seconds(), PeakSampler()
     run_started = time.perf_counter()
     if args.get("profile"):
@@ -200,7 +207,24 @@ def child_assemble(args: dict) -> dict:
             "complete": summary.complete, "rows": summary.rows}
 
 
-CHILDREN = {"bare": child_bare, "plan": child_plan, "assemble": child_assemble, "read": child_read}
+def child_score(args: dict) -> dict:
+    """cache-teacher without --plan-only over the plan: every model scores its shards, then assembly."""
+    _import_all()
+    after_imports = _status()
+    from dadpo.cache import CacheTeacherConfig, cache_teacher
+
+    config = CacheTeacherConfig(pairs=args["pairs"], teacher=[args["teacher"]], reference=args["reference"],
+                                out=args["out"], backend=args["backend"], dtype="float32",
+                                shard_size=args["shard_size"], progress=False, plan_workers=args["plan_workers"])
+    sampler, started = PeakSampler(), time.perf_counter()
+    summary = cache_teacher(config)
+    return {**_status(), "imports": after_imports, "seconds": time.perf_counter() - started,
+            "tree_peak": sampler.stop(), "complete": summary.complete, "rows": summary.rows,
+            "passes": summary.pass_stats}
+
+
+CHILDREN = {"bare": child_bare, "plan": child_plan, "score": child_score, "assemble": child_assemble,
+            "read": child_read}
 
 
 def run_child(kind: str, args: dict | None = None, timeout: float | None = None) -> dict:
@@ -300,12 +324,15 @@ def folder_bytes(folder: Path) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated numbers of pairs")
+    parser.add_argument("--sizes", help="comma-separated numbers of pairs (default 10000,100000,1000000)")
     parser.add_argument("--quick", action="store_true",
-                        help="N = 1000 with 10-40 words per text in shards of 250 (the test)")
+                        help="seconds, for the test: N = 1000 (unless --sizes), 10-40 words per text, shards of 250")
     parser.add_argument("--min-words", type=int, default=100, help="shortest prompt or response, in words")
     parser.add_argument("--max-words", type=int, default=300, help="longest prompt or response, in words")
     parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--score", action="store_true",
+                        help="after the plan, also score every pair (cache-teacher without --plan-only)")
+    parser.add_argument("--score-backend", default="hf", choices=("hf", "vllm"), help="backend of --score")
     parser.add_argument("--teacher", help="teacher model folder (default: a tiny one built in --workdir)")
     parser.add_argument("--reference", help="reference model folder (default: a tiny one built in --workdir)")
     parser.add_argument("--plan-workers", type=int, default=0,
@@ -322,8 +349,8 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the caches")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.min_words, args.max_words, args.shard_size = "1000", 10, 40, 250
-    sizes = [int(size) for size in args.sizes.split(",")]
+        args.sizes, args.min_words, args.max_words, args.shard_size = args.sizes or "1000", 10, 40, 250
+    sizes = [int(size) for size in (args.sizes or "10000,100000,1000000").split(",")]
 
     temporary = tempfile.TemporaryDirectory(prefix="dadpo-scale-") if not args.workdir else None
     workdir = Path(args.workdir or temporary.name)
@@ -353,7 +380,7 @@ def main(argv=None) -> None:
         row = {"n": n, "planned": planned, "workers": args.plan_workers or min(len(os.sched_getaffinity(0)), 8),
                "load_s": load_s, "plan_s": plan["plan_seconds"], "total_s": plan["run_seconds"], "cpu_s": plan["cpu_s"],
                "peak": plan["VmHWM"], "above_interpreter": plan["VmHWM"] - bare["VmHWM"],
-               "above_imports": plan["VmHWM"] - imports["VmHWM"],
+               "above_imports": plan["VmHWM"] - imports["VmRSS"],
                "all_above_imports": plan["tree_peak"] - imports["VmRSS"], "imports": imports,
                "tokens_per_pair": tokens_per_pair(out), "pairs_bytes": pairs.stat().st_size,
                "plan_bytes": folder_bytes(out / "work" / "tokens"),
@@ -361,6 +388,10 @@ def main(argv=None) -> None:
         results.append(row)
         print(f"N={n:,}: load {load_s:.1f} s, plan {row['plan_s']:.1f} s ({planned:,} pairs), peak RSS "
               f"{mib(row['peak'])} MiB (+{mib(row['above_imports'])} above the imports)", flush=True)
+        if args.score:
+            row["score"] = score(out, pairs, teacher, reference, args)
+            print(f"N={n:,}: scored in {row['score']['seconds']:.1f} s, peak RSS {mib(row['score']['peak'])} MiB "
+                  f"(+{mib(row['score']['above_imports'])} above the imports)", flush=True)
         if n == args.read_check:
             row["read_check"] = read_check(out, pairs, teacher, reference, args.shard_size)
         if not args.keep:
@@ -368,6 +399,9 @@ def main(argv=None) -> None:
 
     print()
     print(table(results, bare))
+    if args.score:
+        print()
+        print(score_table(results))
     for row in results:
         if "read_check" in row:
             print()
@@ -408,11 +442,39 @@ def fabricate_scores(cache: Path, prefixes: list[str]) -> None:
             pq.write_table(part, cache / "work" / prefix / tokens_file.name)
 
 
+def score(out: Path, pairs: Path, teacher: Path, reference: Path, args) -> dict:
+    child = run_child("score", {"pairs": str(pairs), "teacher": str(teacher), "reference": str(reference),
+                                "out": str(out), "shard_size": args.shard_size, "backend": args.score_backend,
+                                "plan_workers": args.plan_workers})
+    if not child["complete"]:
+        raise SystemExit(f"--score: the cache {out} is not complete after scoring")
+    tokens = sum(stats["tokens"] for stats in child["passes"].values())
+    return {"seconds": child["seconds"], "rows": child["rows"], "tokens": tokens, "backend": args.score_backend,
+            "peak": child["VmHWM"], "above_imports": child["VmHWM"] - child["imports"]["VmRSS"],
+            "all_above_imports": child["tree_peak"] - child["imports"]["VmRSS"]}
+
+
+def score_table(results: list[dict]) -> str:
+    lines = ["| pairs | backend | score s | tokens scored | tokens/s | peak RSS MiB | above imports MiB "
+             "| all processes above imports MiB |", "|" + "---:|" * 8]
+    for row in results:
+        done = row["score"]
+        lines.append(f"| {row['n']:,} | {done['backend']} | {done['seconds']:,.1f} | {done['tokens']:,} "
+                     f"| {done['tokens'] / max(done['seconds'], 1e-9):,.0f} | {mib(done['peak'])} "
+                     f"| {mib(done['above_imports'])} | {mib(done['all_above_imports'])} |")
+    lines.append("\nscore s: cache-teacher over the finished plan (every model's pass, then the shards assembled), "
+                 "models loaded included; tokens: the sequences' tokens the passes scored.")
+    return "\n".join(lines)
+
+
 def read_check(out: Path, pairs: Path, teacher: Path, reference: Path, shard_size: int) -> dict:
-    fabricate_scores(out, ["teacher", "ref"])
     common = {"pairs": str(pairs), "teacher": str(teacher), "reference": str(reference), "out": str(out),
               "shard_size": shard_size}
-    assembled = run_child("assemble", common)
+    if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text())["complete"]:
+        assembled = {"seconds": 0.0, "VmHWM": 0}  # scored for real (--score): nothing to make up
+    else:
+        fabricate_scores(out, ["teacher", "ref"])
+        assembled = run_child("assemble", common)
     columns = ["id", "ref_prompt_ids", "ref_chosen_ids", "ref_rejected_ids", "ref_logp_chosen", "ref_logp_rejected",
                "ref_ntok_chosen", "ref_ntok_rejected"] + [f"teacher_{kind}_{side}" for kind in ("logp", "ntok")
                                                          for side in ("chosen", "rejected")]
@@ -440,7 +502,7 @@ def table(results: list[dict], bare: dict) -> str:
                  f"models' tokenizers, the manifest); CPU s: the main process and its plan workers. peak RSS: the "
                  f"main process's VmHWM; all processes: the highest RSS of the main process plus its plan workers' "
                  f"private memory (sampled every 0.2 s); above imports: above the same process once it has "
-                 f"imported what the call needs (RSS {mib(results[0]['imports']['VmHWM'])} MiB). Bare "
+                 f"imported what the call needs (RSS {mib(results[0]['imports']['VmRSS'])} MiB). Bare "
                  f"interpreter: RSS {mib(bare['VmHWM'])} MiB.")
     return "\n".join(lines)
 
@@ -450,7 +512,7 @@ def read_table(check: dict) -> str:
     return "\n".join([
         f"train's first steps on the {check['rows']:,}-pair cache (shards {mib(check['shard_bytes'])} MiB on disk):",
         f"  assemble (cache-teacher over the plan and made-up scores): {check['assemble_s']:.1f} s, peak RSS "
-        f"{mib(check['assemble_peak'])} MiB",
+        f"{mib(check['assemble_peak'])} MiB" if check["assemble_peak"] else "  (the cache was scored for real: --score)",
         f"  open_cache().read(train's columns): {check['read_s']:.1f} s; {check['token_ids']:,} reference token ids "
         f"= {mib(int32_bytes)} MiB as int32 (as Python lists: ~{mib(9 * int32_bytes)} MiB); the frame: "
         f"{mib(check['estimated_bytes'])} MiB (polars estimated_size), token ids as {check['dtypes']['ref_prompt_ids']}",

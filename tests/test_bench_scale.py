@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -15,6 +14,10 @@ import pyarrow.parquet as pq
 from support import ENV, REPO
 
 MIB = 2**20
+
+
+def pq_rows(path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def test_quick_mode_prints_the_table_and_sane_numbers(models, tmp_path):
@@ -58,3 +61,22 @@ def test_quick_mode_prints_the_table_and_sane_numbers(models, tmp_path):
     assert 0 <= row["above_imports"] < 1024 * MIB  # 1000 short pairs cost nowhere near a GiB
     assert 0 < row["all_above_imports"] < 2048 * MIB
     assert check["imports_rss"] <= check["after_read_rss"] <= check["read_peak"]
+
+
+def test_score_flag_scores_every_pair_with_the_tiny_models(models, tmp_path):
+    report = tmp_path / "scale.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_scale.py"), "--quick", "--sizes", "200", "--score",
+         "--teacher", str(models["teacher"]), "--reference", str(models["student"]), "--workdir", str(tmp_path),
+         "--keep", "--json", str(report)],
+        capture_output=True, text=True, env={**os.environ, **ENV}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(line.startswith("| pairs | backend | score s | tokens scored |") for line in result.stdout.splitlines())
+    assert any(line.startswith("| 200 | hf |") for line in result.stdout.splitlines()), result.stdout
+    row = json.loads(report.read_text())["results"][0]
+    done = row["score"]
+    shards = sorted((tmp_path / "cache-200" / "shards").glob("*.parquet"))
+    assert done["rows"] == row["planned"] == sum(pq_rows(shard) for shard in shards) == 200
+    # every sequence of both models: (prompt + chosen) and (prompt + rejected) per pair
+    assert done["tokens"] >= 200 * row["tokens_per_pair"] * 0.5 and done["seconds"] > 0
+    assert 0 <= done["above_imports"] < 1024 * MIB
