@@ -71,6 +71,8 @@ class CacheTeacherConfig:
     shard_size: int = option(1000, "Pairs per shard: the unit of progress kept across crashes.")
     num_workers: int = option(1, "Split the work over N independent processes (one per GPU, SLURM array, ...).")
     worker_index: int = option(0, "This process's index in 0..N-1.")
+    plan_workers: int = option(0, "Processes that tokenize the plan (forked; 0: one per CPU, at most 8).",
+                               default_text="one per CPU, at most 8")
     reuse_from: list = option(help="An earlier cache whose scores are copied instead of computed, for every sequence "
                               "it scored under the same model weights, dtype and engine (repeatable).",
                               factory=list, metavar="OLD_CACHE")

@@ -34,6 +34,7 @@ from dadpo.pairs_sources import ABSENT, Chunk, open_source
 from dadpo.tokenization import PROMPT_FORMATS
 
 CHUNK_ROWS = 4096  # rows read, checked and written at a time: one row group of the normalised file
+_RECENT_GROUPS = 2  # row groups NormalizedFile.slice keeps decoded (a slice that straddles two reads both)
 canonical_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _PAIRS_SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "prompt", *SIDES)] + [
     (name, TOKEN_IDS if name.endswith("_token_ids") else pa.string()) for name in RESPONSE_COLUMNS])
@@ -50,6 +51,7 @@ class NormalizedFile:
     fingerprint: str  # sha256 over the normalised rows, in order (data_specs/pairs.v2.md)
     prompt_format: str
     _folder: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)  # removed with us
+    _recent_groups: dict = field(default_factory=dict, repr=False, compare=False)  # (group, columns) -> table
 
     def __len__(self) -> int:
         return self.num_rows
@@ -58,7 +60,8 @@ class NormalizedFile:
         return pl.read_parquet(self.file, columns=columns)
 
     def slice(self, offset: int, length: int, columns: list[str] | None = None) -> pl.DataFrame:
-        """Rows [offset, offset + length), reading only the row groups that hold them."""
+        """Rows [offset, offset + length), reading only the row groups that hold them. The last row
+        groups read are kept, so slices in order (shards smaller than a row group) decode each once."""
         with pq.ParquetFile(self.file) as parquet:
             groups, first_row, start = [], 0, 0
             for index in range(parquet.num_row_groups):
@@ -67,9 +70,17 @@ class NormalizedFile:
                     first_row = first_row if groups else start
                     groups.append(index)
                 start += rows
-            table = parquet.read_row_groups(groups, columns=columns) if groups else \
-                parquet.schema_arrow.empty_table().select(columns or parquet.schema_arrow.names)
-        return pl.from_arrow(table).slice(offset - first_row, length) if groups else pl.from_arrow(table)
+            if not groups:
+                return pl.from_arrow(parquet.schema_arrow.empty_table().select(columns or parquet.schema_arrow.names))
+            tables = []
+            for index in groups:
+                key = (index, None if columns is None else tuple(columns))
+                if key not in self._recent_groups:
+                    self._recent_groups[key] = parquet.read_row_group(index, columns=columns)
+                    while len(self._recent_groups) > _RECENT_GROUPS:
+                        del self._recent_groups[next(iter(self._recent_groups))]
+                tables.append(self._recent_groups[key])
+        return pl.from_arrow(pa.concat_tables(tables)).slice(offset - first_row, length)
 
 
 class Pairs(NormalizedFile):

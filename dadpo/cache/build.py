@@ -36,7 +36,7 @@ from dadpo.cache.layout import REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR, 
 from dadpo.cache.manifest import (differences, forget_shard, locked, manifest_path, new_manifest, read_manifest,
                                   record_shard, write_dropped_ids)
 from dadpo.cache.models import Sides, describe_models, server_settings
-from dadpo.cache.passes import PassJob, plan_shard, run_pass
+from dadpo.cache.passes import PLAN_COLUMNS, PassJob, plan_shards, run_pass
 from dadpo.cache.shards import assemble_shard, check_shard, shard_entry, whole_unrecorded_shard
 from dadpo.config import CacheTeacherConfig
 from dadpo.errors import DadpoError
@@ -156,7 +156,8 @@ def _check_flags(cfg: CacheTeacherConfig) -> None:
         raise DadpoError(f"--prompt-format {cfg.prompt_format}: choose {' or '.join(PROMPT_FORMATS)}")
     for flag, value, least in (("--shard-size", cfg.shard_size, 1), ("--num-workers", cfg.num_workers, 1),
                                ("--batch-size", cfg.engine.batch_size, 1), ("--server-concurrency",
-                                                                             cfg.server_concurrency, 1)):
+                                                                             cfg.server_concurrency, 1),
+                               ("--plan-workers", cfg.plan_workers, 0)):
         if value < least:
             raise DadpoError(f"{flag} {value}: must be at least {least}")
     if cfg.max_length is not None and cfg.max_length < 2:
@@ -255,16 +256,22 @@ def _pinned_date(header: dict) -> str | None:
 
 
 def _plan(cfg, out: Path, scratch: Path, pairs, sides: Sides, shards: list[int]) -> list[int]:
-    """Tokenize the shards whose token file is not in CACHE/work yet, into the scratch folder."""
+    """Tokenize the shards whose token file is not in CACHE/work yet, into the scratch folder (in
+    worker processes when there are several: the plan is CPU-bound, the tokenizers single-threaded)."""
     shards = [k for k in shards if not work_path(out, "tokens", k).exists()]
     if not shards:
         return []
-    tokenizers = sides.tokenizers(cfg.trust_remote_code)
-    flags = {side.prefix: side.flag for side in sides.in_pass_order()}
-    for k in shards:
-        tokens, dropped = plan_shard(_shard_rows(pairs, k, cfg.shard_size), tokenizers, flags, sides.max_length,
-                                     cfg.on_overlong, str(cfg.pairs))
-        write_parquet_atomic(tokens, work_path(scratch, "tokens", k), metadata={"dropped_ids": _json(dropped)})
+
+    def read_rows(k: int) -> list[dict]:
+        return _shard_rows(pairs, k, cfg.shard_size).select(PLAN_COLUMNS).to_dicts()
+
+    def write(k: int, planned) -> None:
+        write_parquet_atomic(planned.table(), work_path(scratch, "tokens", k),
+                             metadata={"dropped_ids": _json(planned.dropped)})
+
+    plan_shards(shards, read_rows, write, sides.tokenizers(cfg.trust_remote_code),
+                {side.prefix: side.flag for side in sides.in_pass_order()}, sides.max_length, cfg.on_overlong,
+                str(cfg.pairs), cfg.plan_workers, cfg.progress)
     return shards
 
 

@@ -1,9 +1,10 @@
 """What cache-teacher does to each pair: tokenize it once for every model (the plan), then score it
 under one model per pass.
 
-    plan_shard   a shard's pairs -> every model's (prompt, chosen, rejected) ids by the one rule
+    plan_shards  each shard's pairs -> every model's (prompt, chosen, rejected) ids by the one rule
                  (dadpo.tokenization), the length rule applied to the longest side: a pair over it
-                 under any model is dropped whole, never truncated -> CACHE/work/tokens/NNNNN.parquet
+                 under any model is dropped whole, never truncated -> CACHE/work/tokens/NNNNN.parquet;
+                 shards are tokenized in forked worker processes (one per CPU, at most 8)
     run_pass     one model over its pending shards: read the ids, take any score --reuse-from
                  already holds, score the rest (hf, vllm or a server) -> CACHE/work/<model>/NNNNN.parquet
 
@@ -12,16 +13,29 @@ Each shard's files are published whole; a pass stops after the shard in flight o
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import warnings
+from array import array
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dadpo import stop
 from dadpo.atomic import write_parquet_atomic
 from dadpo.cache.layout import REFERENCE, shard_file, work_path
 from dadpo.cache.manifest import model_records, read_manifest, reuse_identity
@@ -29,6 +43,7 @@ from dadpo.engine import EngineOptions
 from dadpo.errors import DadpoError
 from dadpo.modeling import ResolvedModel, model_tokenizer
 from dadpo.pairs import decode_prompt
+from dadpo.pairs_rows import RESPONSE_COLUMNS, SIDES
 from dadpo.runner import Progress
 from dadpo.tokenization import ModelTokenizer, length_rule, pair_responses
 
@@ -74,14 +89,35 @@ def sequence_key(prompt_ids, response_ids) -> int:
 # ---------------------------------------------------------------- the plan
 
 
-def plan_shard(rows: pl.DataFrame, tokenizers: dict[str, ModelTokenizer], flags: dict[str, str],
-               max_length: int | None, on_overlong: str, source: str) -> tuple[pa.Table, list[str]]:
-    """Tokenize a shard's pairs (with pair_index) for every model; apply the length rule. Returns the
-    kept pairs' ids (pair_index, then PREFIX_prompt_ids/chosen_ids/rejected_ids per model) and the
-    ids of the pairs dropped."""
+@dataclass
+class PlannedShard:
+    """One shard's plan as plain Python (what a plan worker sends back): the kept pairs, every model's
+    ids flat (4 bytes a token: a Python list of ints would take 36), and the ids of the pairs dropped."""
+
+    pair_index: list[int]
+    ids: list[str]
+    dropped: list[str]
+    tokens: dict[str, tuple[array, array]]  # column -> (offsets, values), int32
+
+    def table(self) -> pa.Table:
+        """pair_index, id, then PREFIX_prompt_ids/chosen_ids/rejected_ids per model."""
+        columns = {"pair_index": pa.array(self.pair_index, pa.int64()), "id": pa.array(self.ids, pa.string())}
+        for column, (offsets, values) in self.tokens.items():
+            columns[column] = pa.ListArray.from_arrays(pa.array(np.frombuffer(offsets, np.int32)),
+                                                       pa.array(np.frombuffer(values, np.int32)))
+        return pa.table(columns)
+
+
+PLAN_COLUMNS = ("pair_index", "id", "prompt", *SIDES, *RESPONSE_COLUMNS)  # what tokenize_shard reads of a row
+
+
+def tokenize_shard(rows: Iterable[dict], tokenizers: dict[str, ModelTokenizer], flags: dict[str, str],
+                   max_length: int | None, on_overlong: str, source: str) -> PlannedShard:
+    """Tokenize a shard's pairs (dicts of the normalised columns, with pair_index) for every model;
+    apply the length rule to the longest side: a pair over it under any model is dropped whole."""
     kept, kept_ids, dropped = [], [], []
-    ids = {prefix: {name: [] for name in _IDS} for prefix in tokenizers}
-    for row in rows.iter_rows(named=True):
+    tokens = {f"{prefix}_{name}": (array("i", [0]), array("i")) for prefix in tokenizers for name in _IDS}
+    for row in rows:
         prompt, (chosen, rejected) = decode_prompt(row["prompt"]), pair_responses(row)
         encoded, longest = {}, (0, "")
         for prefix, tokenizer in tokenizers.items():
@@ -98,11 +134,123 @@ def plan_shard(rows: pl.DataFrame, tokenizers: dict[str, ModelTokenizer], flags:
         kept_ids.append(row["id"])
         for prefix, triple in encoded.items():
             for name, value in zip(_IDS, triple):
-                ids[prefix][name].append(value)
-    columns = {"pair_index": pa.array(kept, pa.int64()), "id": pa.array(kept_ids, pa.string())}
-    for prefix, lists in ids.items():
-        columns.update({f"{prefix}_{name}": pa.array(values, pa.list_(pa.int32())) for name, values in lists.items()})
-    return pa.table(columns), dropped
+                offsets, values = tokens[f"{prefix}_{name}"]
+                values.extend(value)
+                offsets.append(len(values))
+    return PlannedShard(kept, kept_ids, dropped, tokens)
+
+
+def plan_shards(shards: list[int], read_rows: Callable[[int], list[dict]], write: Callable[[int, PlannedShard], None],
+                tokenizers: dict[str, ModelTokenizer], flags: dict[str, str], max_length: int | None,
+                on_overlong: str, source: str, workers: int = 0, progress: bool = False) -> None:
+    """tokenize_shard over each shard's rows (read_rows(k): dicts of PLAN_COLUMNS), then write(k, plan),
+    in shard order. The tokenizing runs in `workers` forked processes (0: one per CPU, at most 8), a
+    bounded window of shards ahead, while this process reads rows and writes files: the workers
+    inherit the loaded tokenizers and only tokenize (never polars, whose thread pool does not survive
+    a fork, and never a file). The first failing shard in order raises its error, as one process would.
+    A stop signal ends the plan after the shard in flight, raising stop.Stopped (the caller keeps
+    nothing of an unfinished plan)."""
+    bar = Progress("plan", len(shards), "shard", progress)
+    tokenized = _tokenized(shards, read_rows, (tokenizers, flags, max_length, on_overlong, source), workers)
+    with contextlib.closing(tokenized):  # closing it ends the workers, after the shards they hold
+        try:
+            for k, planned in bar.each(tokenized):
+                bar.tokens(sum(len(values) for _, values in planned.tokens.values()))
+                write(k, planned)
+        finally:
+            bar.close()
+    if bar.done < len(shards):
+        raise stop.Stopped(f"stopped by {stop.requested()} while tokenizing the pairs ({bar.done} of {len(shards)} "
+                           "shards): nothing was cached yet; re-run the same command to plan again")
+
+
+def _tokenized(shards: list[int], read_rows: Callable[[int], list[dict]], args: tuple, workers: int):
+    """(k, tokenize_shard(read_rows(k), *args)) for each shard in order, tokenized in forked workers."""
+    workers = _plan_workers(workers, len(shards))
+    if workers <= 1:
+        for k in shards:
+            yield k, tokenize_shard(read_rows(k), *args)
+        return
+    global _PLAN_ARGS
+    _PLAN_ARGS, pending, source = args, deque(), args[-1]
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
+                                   initargs=(os.getpid(),))
+    try:
+        for k in shards:
+            rows = read_rows(k)
+            with _forking(k == shards[0]):  # the first submit forks the workers
+                pending.append((k, executor.submit(_tokenize_in_worker, rows)))
+            if len(pending) > 2 * workers:  # rows of a few shards wait in memory, never the whole file
+                done, future = pending.popleft()
+                yield done, _worker_result(future, source)
+        while pending:
+            done, future = pending.popleft()
+            yield done, _worker_result(future, source)
+    finally:
+        _PLAN_ARGS = None
+        executor.shutdown(wait=True, cancel_futures=True)  # after an error or a stop: drop what has not started
+
+
+_PLAN_ARGS: tuple | None = None  # what plan workers tokenize with: inherited through the fork, never pickled
+MAX_PLAN_WORKERS = 8
+
+
+def _plan_workers(requested: int, shards: int) -> int:
+    if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
+        return 1  # no fork here (Windows), or a daemonic process, which may not have children
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(requested or min(cpus, MAX_PLAN_WORKERS), shards)
+
+
+def _tokenize_in_worker(rows: list[dict]) -> PlannedShard:
+    return tokenize_shard(rows, *_PLAN_ARGS)
+
+
+def _start_worker(parent: int) -> None:
+    # The Rust tokenizers' thread pool does not survive a fork: each worker tokenizes on its one thread.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C and the stop signals reach the whole process group: the parent alone decides (it ends the
+    # plan after the shard in flight), so a worker neither dies mid-shard nor prints a traceback.
+    for sig in (signal.SIGINT, *stop.SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
+
+    def exit_when_orphaned() -> None:  # the parent was killed (kill -9): do not wait for work forever
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+
+
+@contextlib.contextmanager
+def _forking(now: bool):
+    """Around the fork of the plan workers: TOKENIZERS_PARALLELISM set, so the tokenizers library does
+    not warn about the fork; every object so far frozen out of the garbage collector, so a worker's
+    collections do not write to (and so copy) the pages it shares with this process (~100 MB each)."""
+    if not now:
+        yield
+        return
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    gc.freeze()
+    try:
+        with warnings.catch_warnings():  # Python 3.12+ warns of any fork beside threads; the workers only tokenize
+            warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
+            yield
+    finally:
+        gc.unfreeze()
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _worker_result(future, source: str) -> PlannedShard:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise DadpoError(f"{source}: a process tokenizing the plan died (killed, or out of memory?); nothing was "
+                         "cached, re-run the command") from None
 
 
 # ---------------------------------------------------------------- a pass
