@@ -58,6 +58,23 @@ def signal_when(process: subprocess.Popen, ready, signal_number: int = 9, timeou
     raise AssertionError(f"the condition to signal at never came: {process.communicate()[1][-2000:]}")
 
 
+def cli_flags(settings: dict) -> list:
+    """{"batch_size": 2, ...} -> ["--batch-size", 2, ...]: one config's settings as the CLI's flags."""
+    return [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", value)]
+
+
+def stop_line_after_steps(process: subprocess.Popen, run: Path, steps: int, signal_number: int) -> str:
+    """Send a stop signal once `run` has logged `steps` training steps; the process must exit with
+    EXIT_STOPPED (75) and print exactly one line on stderr, which is returned."""
+    log = run / "metrics.jsonl"
+    assert signal_when(process, lambda: log.exists() and len(log.read_text().splitlines()) >= steps, signal_number)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
 def kill_when(process: subprocess.Popen, ready, timeout: float = 180) -> bool:
     """SIGKILL `process` as soon as ready() holds: no cleanup handlers run."""
     return signal_when(process, ready, 9, timeout)

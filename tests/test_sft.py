@@ -9,10 +9,9 @@ import polars as pl
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from support import (ENV, assert_one_line_error, assert_same_steps, metrics, naive_logprob, run_cli, signal_when,
-                     start_cli, write_jsonl)
+from support import (ENV, assert_one_line_error, assert_same_steps, cli_flags, metrics, naive_logprob, run_cli,
+                     start_cli, stop_line_after_steps, write_jsonl)
 from dadpo.errors import DadpoError
-from dadpo.stop import EXIT_STOPPED
 from dadpo.training.checkpoint import list_checkpoints
 from dadpo.config import SftConfig
 from dadpo.recipes.sft import sft
@@ -116,14 +115,9 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_equals_uninterrupted(mode
                     max_steps=6, warmup_steps=1, eval_fraction=0.1, seed=2, max_length=160, progress=False)
     stopped = tmp_path / "stopped"
     process = start_cli("sft", "--out", stopped, "--quiet",
-                        *[part for key, value in settings.items() if key != "progress"
-                          for part in (f"--{key.replace('_', '-')}", value)], env=ENV)
-    assert signal_when(process, lambda: (stopped / "metrics.jsonl").exists() and len(metrics(stopped)) >= 2,
-                       signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == EXIT_STOPPED, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "--resume" in lines[0], stderr
+                        *cli_flags({k: v for k, v in settings.items() if k != "progress"}), env=ENV)
+    line = stop_line_after_steps(process, stopped, 2, signal.SIGTERM)
+    assert "stopped by SIGTERM" in line and "--resume" in line, line
     done = len(metrics(stopped))
     assert 2 <= done < 6 and list_checkpoints(stopped)[-1].name == f"step-{done:06d}"
     summary = sft(SftConfig(out=str(stopped), resume=True, **settings))

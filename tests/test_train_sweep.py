@@ -11,11 +11,11 @@ import polars as pl
 import pytest
 
 from dadpo.errors import DadpoError
-from dadpo.stop import EXIT_STOPPED
 from dadpo.sweep import run_sweep
 from dadpo.recipes.dadpo import TrainConfig, train
 from dadpo.training.checkpoint import list_checkpoints
-from support import ENV, assert_one_line_error, assert_same_steps, metrics, run_cli, signal_when, start_cli
+from support import (ENV, assert_one_line_error, assert_same_steps, cli_flags, metrics, run_cli, start_cli,
+                     stop_line_after_steps)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,17 +117,11 @@ def test_a_stop_signal_mid_sweep_saves_the_point_and_the_rerun_resumes_it_exactl
     runs = tmp_path / "runs"
     settings = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=6, save_every=4, eval_fraction=0.1, seed=3)
     args = ["sweep", "--cache", orphan_cache / "cache", "--out", runs, "--model", orphan_cache / "student-kept",
-            "--beta1", "0.1", "--beta2", "0,0.01", "--quiet",
-            *[part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", value)]]
+            "--beta1", "0.1", "--beta2", "0,0.01", "--quiet", *cli_flags(settings)]
     first = runs / "b1=0.1_b2=0"
-    process = start_cli(*args, env=ENV)
-    assert signal_when(process, lambda: (first / "metrics.jsonl").exists() and len(metrics(first)) >= 2,
-                       signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == EXIT_STOPPED, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "[1/2] b1=0.1_b2=0" in lines[0] and "stopped by SIGTERM" in lines[0], stderr
-    assert "re-run the same sweep command" in lines[0] and "--resume" not in lines[0]
+    line = stop_line_after_steps(start_cli(*args, env=ENV), first, 2, signal.SIGTERM)
+    assert "[1/2] b1=0.1_b2=0" in line and "stopped by SIGTERM" in line, line
+    assert "re-run the same sweep command" in line and "--resume" not in line
     done = len(metrics(first))
     assert 2 <= done < 6 and list_checkpoints(first)[-1].name == f"step-{done:06d}"
     assert not (first / "summary.json").exists() and not (runs / "b1=0.1_b2=0.01").exists()
