@@ -161,7 +161,7 @@ def plan_shards(shards: list[int], read_rows: Callable[[int], list[dict]], write
             bar.close()
     if bar.done < len(shards):
         raise stop.Stopped(f"stopped by {stop.requested()} while tokenizing the pairs ({bar.done} of {len(shards)} "
-                           "shards): nothing was cached yet; re-run the same command to plan again")
+                           "shards): nothing was cached yet", "re-run the same command to plan again")
 
 
 def _tokenized(shards: list[int], read_rows: Callable[[int], list[dict]], args: tuple, workers: int):
