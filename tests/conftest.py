@@ -94,7 +94,8 @@ def one_thread():
 SLOWEST_FILES = ["test_vllm_parity.py", "test_cache_resume.py", "test_generate.py", "test_benchmarks.py",
                  "test_cache_bad_inputs.py", "test_full_disk.py", "test_train_sweep.py", "test_cache_guard.py",
                  "test_train_distributed.py", "test_cli_pipeline.py", "test_verify.py", "test_train_resume.py",
-                 "test_cache_features.py", "test_old_caches.py", "test_vllm_server.py", "test_train_features.py"]
+                 "test_full_pipeline.py", "test_bench_scale.py", "test_cache_features.py", "test_old_caches.py",
+                 "test_vllm_server.py", "test_train_features.py", "test_plan_workers.py"]
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
