@@ -13,6 +13,8 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from dadpo.stop import EXIT_STOPPED
+
 REPO = Path(__file__).resolve().parents[1]
 # One intra-op thread per process: on a loaded 2-core machine more threads only contend.
 ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -65,11 +67,11 @@ def cli_flags(settings: dict) -> list:
 
 def stop_line_after_steps(process: subprocess.Popen, run: Path, steps: int, signal_number: int) -> str:
     """Send a stop signal once `run` has logged `steps` training steps; the process must exit with
-    EXIT_STOPPED (75) and print exactly one line on stderr, which is returned."""
+    EXIT_STOPPED and print exactly one line on stderr, which is returned."""
     log = run / "metrics.jsonl"
     assert signal_when(process, lambda: log.exists() and len(log.read_text().splitlines()) >= steps, signal_number)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 75, stderr[-3000:]
+    assert process.returncode == EXIT_STOPPED, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr[-3000:]
     return lines[0]

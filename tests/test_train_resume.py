@@ -15,9 +15,8 @@ from dadpo.training.checkpoint import list_checkpoints
 from dadpo.errors import DadpoError
 from dadpo.recipes.dadpo import TrainConfig, train
 
-from dadpo.stop import EXIT_STOPPED
-from support import (ENV, assert_one_line_error, assert_same_steps, kill_when, metrics, run_cli, signal_when,
-                     start_cli)
+from support import (ENV, assert_one_line_error, assert_same_steps, kill_when, metrics, run_cli, start_cli,
+                     stop_line_after_steps)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,13 +120,8 @@ def test_a_stop_signal_checkpoints_the_current_step_and_resume_equals_uninterrup
     """What SLURM sends before pre-emption: the step in flight finishes, a checkpoint of it is written
     (not only the last --save-every one), one line says how to resume, exit code 75."""
     out = tmp_path / "stopped"
-    process = start_cli(*run_args(cache_dir, models, out), env=ENV)
-    log = out / "metrics.jsonl"
-    assert signal_when(process, lambda: log.exists() and len(log.read_text().splitlines()) >= 3, signal_number)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == EXIT_STOPPED, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "stopped by SIG" in lines[0] and "--resume" in lines[0], stderr
+    line = stop_line_after_steps(start_cli(*run_args(cache_dir, models, out), env=ENV), out, 3, signal_number)
+    assert "stopped by SIG" in line and "--resume" in line, line
     done = len(metrics(out))
     assert 3 <= done < STEPS
     assert list_checkpoints(out)[-1].name == f"step-{done:06d}"  # the step the signal found, saved
