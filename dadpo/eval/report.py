@@ -122,7 +122,7 @@ def _winrate_figure(summary: dict):
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     axes.axvline(0.5, color="grey", linestyle="--", linewidth=1)
-    drew_lc = False
+    drew_rate = drew_lc = False
     for y, name in enumerate(names):
         m = summary["models"][name]
         rate = m["win_rate"]
@@ -132,9 +132,10 @@ def _winrate_figure(summary: dict):
         if m["ci95"] is not None:
             low, high = m["ci95"]
             axes.errorbar(rate, y, xerr=[[rate - low], [high - rate]], fmt="o", color="C0", capsize=4,
-                          label="win rate, 95% CI" if y == 0 else None)
+                          label=None if drew_rate else "win rate, 95% CI")
         else:
-            axes.plot(rate, y, "o", color="C0", label="win rate" if y == 0 else None)
+            axes.plot(rate, y, "o", color="C0", label=None if drew_rate else "win rate")
+        drew_rate = True
         if m["lc_win_rate"] is not None:
             axes.plot(m["lc_win_rate"], y, "D", color="C1", fillstyle="none",
                       label=None if drew_lc else "length-controlled")
