@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -108,9 +107,8 @@ def test_validate_summary_rejects_a_broken_one(case):
 
 
 def test_render_table():
-    expected = """\
-Against `teacher`, judged by served Qwen/Qwen2.5-72B-Instruct (template judge_prompt.v1.jinja), 10 prompts (heldout.jsonl).
-
+    expected = ("Against `teacher`, judged by served Qwen/Qwen2.5-72B-Instruct (template judge_prompt.v1.jinja), "
+                "10 prompts (heldout.jsonl).\n\n") + """\
 | model | win rate | 95% CI | LC win rate | win | tie | loss | parse failures | position consistency | mean length |
 |---|---|---|---|---|---|---|---|---|---|
 | dadpo | 60.0% | 35.0-80.0% | 55.0% | 5 | 2 | 3 | 0 | 70.0% | 123.2 tokens |

@@ -94,10 +94,11 @@ def render_table(summary: dict) -> str:
     if accuracy:
         lines += ["", f"Baseline accuracy: {_percent(summary.get('baseline_accuracy'))}."]
 
-    by_category = [(name, category, stats) for name, m in models.items() for category, stats in m["by_category"].items()]
+    by_category = [(name, category, s) for name, m in models.items() for category, s in m["by_category"].items()]
     if by_category:
         lines += ["", "By category:", ""]
-        lines += _rows(["model", "category", "win rate", "95% CI", "LC win rate", "win", "tie", "loss", "parse failures"],
+        lines += _rows(["model", "category", "win rate", "95% CI", "LC win rate", "win", "tie", "loss",
+                        "parse failures"],
                        [[name, category, _percent(s["win_rate"]), _interval(s["ci95"]), _percent(s["lc_win_rate"]),
                          s["win"], s["tie"], s["loss"], s["parse_failures"]] for name, category, s in by_category])
 
@@ -105,8 +106,9 @@ def render_table(summary: dict) -> str:
     if lm_eval:
         lines += ["", "lm-eval (the alignment tax: difference to the baseline):", ""]
         lines += _rows(["model", "task", "metric", "value", "stderr", "baseline", "difference"],
-                       [[name, task, r["metric"], _number(r["value"]), _number(r["stderr"]), _number(r["baseline_value"]),
-                         _number(r["difference"], signed=True)] for name, task, r in lm_eval])
+                       [[name, task, r["metric"], _number(r["value"]), _number(r["stderr"]),
+                         _number(r["baseline_value"]), _number(r["difference"], signed=True)]
+                        for name, task, r in lm_eval])
     return "\n".join(lines) + "\n"
 
 
