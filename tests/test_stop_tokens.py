@@ -104,9 +104,10 @@ def prompts_file(tmp_path_factory) -> Path:
 def generated(prompts_file, models, unlisted_end, tmp_path_factory) -> Path:
     """Pairs sampled with the hf sampler: the tiny teacher's chosen, the unlisted_end model's rejected."""
     out = tmp_path_factory.mktemp("stop_generate") / "pairs.parquet"
+    sampling = Sampling(max_new_tokens=24, temperature=1.0, seed=3)
     generate_pairs(GenerateConfig(prompts=str(prompts_file), teacher=str(models["teacher"]), student=str(unlisted_end),
-                                  out=str(out), backend="hf", sampling=Sampling(max_new_tokens=24, temperature=1.0, seed=3),
-                                  chunk_size=5, engine=EngineOptions(batch_size=4), progress=False))
+                                  out=str(out), backend="hf", sampling=sampling, chunk_size=5,
+                                  engine=EngineOptions(batch_size=4), progress=False))
     return out
 
 
@@ -129,7 +130,8 @@ def test_generate_stops_sampling_at_the_end_token(generated, tokenizer, end_id):
     assert_stops_at_end(responses, tokenizer, end_id)
     for (ids, reason), text in zip(responses, frame["rejected"].to_list()):
         body = ids[:-1] if reason == "stop" else ids
-        assert text[0]["content"] == tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert text[0]["content"] == tokenizer.decode(body, skip_special_tokens=False,
+                                                      clean_up_tokenization_spaces=False)
 
 
 def test_cache_teacher_scores_the_sampled_end_token(generated, models, unlisted_end, model, end_id, tmp_path):
