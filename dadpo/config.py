@@ -5,7 +5,8 @@ polars, so `dadpo --help` and flag errors answer at once.
     CacheTeacherConfig  dadpo cache-teacher     GenerateConfig + Sampling  dadpo generate
     TrainConfig         dadpo train, sweep      SftConfig                  dadpo sft
     VerifyConfig        dadpo verify-cache      (the generic training flags: dadpo.training.config.LoopConfig;
-    ShowTokensConfig    dadpo show-tokens        how engines run: dadpo.engine.EngineOptions)
+                                                 how engines run: dadpo.engine.EngineOptions)
+    ShowTokensConfig    dadpo show-tokens
 """
 
 from __future__ import annotations
