@@ -31,8 +31,9 @@ from dadpo.tokenization import special_ids
 from dadpo.training.data import global_batch_rows, split_eval
 from support import ENV, metrics, naive_logprob, run_cli, shard_rows, write_jsonl
 
-PER_TOKEN = 1e-6  # nats: fp32 sentence log-probs of differently shaped computations, per response token
-VLLM_TOLERANCE = 1e-4  # nats per sentence, vLLM against a plain HF forward (as in test_vllm_parity.py)
+# nats per response token: fp32 sentence log-probs of differently shaped computations (hf or vLLM
+# against a plain forward; vLLM measured at <= 3e-7 per token here), so <= 1e-4 per sentence here
+PER_TOKEN = 1e-6
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -228,7 +229,7 @@ def test_cache_teacher_with_vllm_scores_the_end_token(vllm_ready, unlisted_end, 
         assert (row["ref_chosen_ids"][-1], row["ref_rejected_ids"][-1]) == (end_id, end_id)
         for side, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
             assert row[f"ref_{side}_ids"] == ids
-            assert abs(row[f"ref_logp_{side}"] - naive_logprob(model, prompt_ids, ids)) <= VLLM_TOLERANCE
+            assert abs(row[f"ref_logp_{side}"] - naive_logprob(model, prompt_ids, ids)) <= PER_TOKEN * len(ids)
 
 
 # ---------------------------------------------------------------- sft and train
