@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dadpo.tiny import TEMPLATES, build_tiny_model, make_tiny_pairs
+from dadpo.tiny import TEMPLATES, build_tiny_model, build_tiny_reward_model, make_tiny_pairs
 from support import ENV, free_port, run_cli, write_jsonl
 
 
@@ -42,6 +42,18 @@ def templated(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("templated")
     return {name: build_tiny_model(root / name, family="teacher", seed=1, template=name)
             for name in TEMPLATES if name != "chatml"}
+
+
+@pytest.fixture(scope="session")
+def reward_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-init reward models (one-label sequence classification): per family, and one with the
+    trim_date template (a pinned date must reach the template)."""
+    root = tmp_path_factory.mktemp("reward_models")
+    return {
+        "teacher": build_tiny_reward_model(root / "teacher", family="teacher", seed=4),
+        "student": build_tiny_reward_model(root / "student", family="student", seed=5),
+        "trim_date": build_tiny_reward_model(root / "trim_date", family="teacher", seed=4, template="trim_date"),
+    }
 
 
 @pytest.fixture(scope="session")
