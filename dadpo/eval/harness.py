@@ -151,10 +151,13 @@ def run_lm_eval(model: str, tasks: list[str], *, limit: int | None, fewshot: int
         where = f" (nor under {include_path})" if include_path else ""
         raise DadpoError(f"lm-eval on {model}: unknown task {', '.join(unknown)}: not in lm-eval's registry{where}")
     model_args = {"pretrained": model, "dtype": dtype}
+    settings = {"batch_size": batch_size}
     if backend == "vllm":
-        model_args["seed"] = seed
+        model_args["seed"] = seed  # vLLM places the model itself: device is for hf
+    else:
+        settings["device"] = device
     try:
-        lm = get_model(backend).create_from_arg_obj(model_args, {"batch_size": batch_size, "device": device})
+        lm = get_model(backend).create_from_arg_obj(model_args, settings)
     except Exception as exc:  # transformers, vLLM and lm-eval raise many types; the user needs one line
         raise DadpoError(f"lm-eval on {model}: the {backend} backend cannot load the model ({_first_line(exc)})") \
             from None
