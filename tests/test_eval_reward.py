@@ -96,6 +96,34 @@ def test_tokenizer_without_pad_token(bare_reward_model):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_reward_model_without_chat_template(reward_models, tmp_path):
+    """No template: the prompt as raw text (with the tokenizer's BOS), then the response and eos."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path / "plain"
+    shutil.copytree(reward_models["student"], folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert not tokenizer.chat_template
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    items = [(p, r) for p, r in ITEMS if isinstance(p, str)]
+    want = []
+    for prompt, response in items:
+        ids = tokenizer(prompt)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"] + \
+            [tokenizer.eos_token_id]
+        assert ids[0] == tokenizer.bos_token_id
+        with torch.inference_mode():
+            want.append(float(model.score(model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1])[0]))
+    judge = RewardModel(str(folder))
+    np.testing.assert_allclose(judge.rewards([p for p, _ in items], [r for _, r in items], batch_size=3), want,
+                               rtol=1e-5, atol=1e-7)
+    with pytest.raises(DadpoError, match="prompt 0: the prompt is a 3-message conversation"):
+        judge.rewards([ITEMS[3][0]], [ITEMS[3][1]])
+
+
 def test_pinned_date_reaches_the_template(reward_models):
     folder = reward_models["trim_date"]
     prompts, responses = [p for p, _ in ITEMS[:3]], [r for _, r in ITEMS[:3]]
