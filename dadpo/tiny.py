@@ -251,8 +251,29 @@ def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 
     template: a TEMPLATES name (they use the teacher family's ChatML tokens), else the family's own.
     vLLM's CPU backend needs head_dim 64, i.e. hidden_size / num_heads == 64 (the defaults).
     """
+    return _write_tiny(out_dir, family=family, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
+                       num_heads=num_heads, intermediate_size=intermediate_size,
+                       max_position_embeddings=max_position_embeddings, template=template, head="causal")
+
+
+def build_tiny_reward_model(out_dir, *, seed: int = 0, family: str = "teacher", hidden_size: int = 128,
+                            num_layers: int = 2, num_heads: int = 2, intermediate_size: int = 256,
+                            max_position_embeddings: int = 512, template: str | None = None) -> pathlib.Path:
+    """Write a random-init reward model to `out_dir`: the family's architecture (Llama or Qwen3) as
+    *ForSequenceClassification with one label (a scalar reward read at the last token), the family's
+    tokenizer and chat template, pad_token_id in the config (batched scoring)."""
+    return _write_tiny(out_dir, family=family, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
+                       num_heads=num_heads, intermediate_size=intermediate_size,
+                       max_position_embeddings=max_position_embeddings, template=template, head="reward")
+
+
+def _write_tiny(out_dir, *, family: str, seed: int, hidden_size: int, num_layers: int, num_heads: int,
+                intermediate_size: int, max_position_embeddings: int, template: str | None,
+                head: str) -> pathlib.Path:
+    """One builder for both heads: "causal" (an LM) or "reward" (sequence classification, 1 label)."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen3Config
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig,
+                              LlamaConfig, Qwen3Config)
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -270,24 +291,33 @@ def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 
         head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings,
         dtype="float32", **ids,
     )
+    if head == "reward":
+        common["num_labels"] = 1
+    suffix = "ForSequenceClassification" if head == "reward" else "ForCausalLM"
     if family in ("teacher", "unlisted_end"):
         config = LlamaConfig(tie_word_embeddings=False, **common)
-        config.architectures = ["LlamaForCausalLM"]
+        config.architectures = [f"Llama{suffix}"]
     else:
         # Not Qwen2: transformers 5 forces Qwen2Tokenizer (byte-level, no BOS) on model_type
         # "qwen2" whatever tokenizer_config.json says, which would discard our tokenizer.
-        config = Qwen3Config(tie_word_embeddings=True, **common)
-        config.architectures = ["Qwen3ForCausalLM"]
+        config = Qwen3Config(tie_word_embeddings=head == "causal", **common)
+        config.architectures = [f"Qwen3{suffix}"]
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if family == "unlisted_end":
-        _end_after_a_few_tokens(model, tok.convert_tokens_to_ids(UNLISTED_END))
-    model.generation_config = GenerationConfig(**ids)
+    if head == "reward":
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if family == "unlisted_end":
+            _end_after_a_few_tokens(model, tok.convert_tokens_to_ids(UNLISTED_END))
+        model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    (out / _MARKER).write_text(json.dumps(_build_args(family, seed, hidden_size, num_layers, num_heads,
-                                                      intermediate_size, max_position_embeddings, template), indent=2))
+    args = _build_args(family, seed, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings,
+                       template)
+    if head != "causal":
+        args["head"] = head
+    (out / _MARKER).write_text(json.dumps(args, indent=2))
     return out
 
 

@@ -206,6 +206,16 @@ class ModelTokenizer:
             raise DadpoError(f"{where}: the response renders to no tokens under {self.name}")
         return ids
 
+    def encode_conversation(self, messages: list[dict], response: str, where: str) -> list[int]:
+        """The ids of prompt messages + an assistant response as one conversation, the way a reward model
+        reads it: the chat template renders the whole conversation (add_generation_prompt=False), as reward
+        models are trained and documented to be used. Without a chat template: prompt and response as above."""
+        if not self.chat:
+            prompt_ids = self.encode_prompt(messages, where)
+            return prompt_ids + self.encode_response(Response(response), prompt_ids, where)
+        text = self.render(messages + [{"role": "assistant", "content": response}], False, where)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def encode_pair(self, prompt, chosen: Response, rejected: Response, where: str):
         """(prompt_ids, chosen_ids, rejected_ids): the prompt is rendered once for both responses."""
         prompt_ids = self.encode_prompt(prompt, where)

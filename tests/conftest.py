@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dadpo.tiny import TEMPLATES, build_tiny_model, make_tiny_pairs
+from dadpo.tiny import TEMPLATES, build_tiny_model, build_tiny_reward_model, make_tiny_pairs
 from support import ENV, free_port, run_cli, write_jsonl
 
 
@@ -44,6 +44,18 @@ def templated(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("templated")
     return {name: build_tiny_model(root / name, family="teacher", seed=1, template=name)
             for name in TEMPLATES if name != "chatml"}
+
+
+@pytest.fixture(scope="session")
+def reward_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-init reward models (one-label sequence classification): per family, and one with the
+    trim_date template (a pinned date must reach the template)."""
+    root = tmp_path_factory.mktemp("reward_models")
+    return {
+        "teacher": build_tiny_reward_model(root / "teacher", family="teacher", seed=4),
+        "student": build_tiny_reward_model(root / "student", family="student", seed=5),
+        "trim_date": build_tiny_reward_model(root / "trim_date", family="teacher", seed=4, template="trim_date"),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +131,7 @@ def one_thread():
 # Test files by their time on one core, longest first (pyproject runs files on parallel workers):
 # starting the long ones first keeps the last worker from finishing alone.
 SLOWEST_FILES = ["test_vllm_parity.py", "test_cache_resume.py", "test_generate.py", "test_benchmarks.py",
+                 "test_eval_harness.py",
                  "test_cache_bad_inputs.py", "test_full_disk.py", "test_train_sweep.py", "test_cache_guard.py",
                  "test_train_distributed.py", "test_cli_pipeline.py", "test_verify.py", "test_train_resume.py",
                  "test_full_pipeline.py", "test_bench_scale.py", "test_cache_features.py", "test_old_caches.py",

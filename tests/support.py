@@ -126,6 +126,39 @@ def write_data_folder(path: Path, splits: dict[str, list[dict]]) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- local lm-eval tasks
+
+LM_EVAL_MC_TASK, LM_EVAL_GEN_TASK = "dadpo_tiny_mc", "dadpo_tiny_gen"
+_LM_EVAL_SUMS = [(12, 30), (3, 4), (5, 6), (7, 8), (9, 10)]
+LM_EVAL_MC_ROWS = [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1), "seven", "I do not know"],
+                    "label": 0} for a, b in _LM_EVAL_SUMS]
+LM_EVAL_GEN_ROWS = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in _LM_EVAL_SUMS]
+LM_EVAL_PROMPT = "Question: {question}\nAnswer:"
+LM_EVAL_GEN_TOKENS, LM_EVAL_GEN_UNTIL = 8, "\n"
+
+
+def write_lm_eval_tasks(folder: Path, mc_rows: list[dict] | None = None, gen_rows: list[dict] | None = None) -> Path:
+    """Two offline lm-eval tasks in `folder` (YAML + jsonl, dataset_path: json): a multiple-choice one
+    (LM_EVAL_MC_TASK, metric acc: the choice of highest log-likelihood after LM_EVAL_PROMPT) and a
+    greedy generate_until one (LM_EVAL_GEN_TASK, exact_match of the text up to the first newline,
+    at most LM_EVAL_GEN_TOKENS tokens). Pass the folder as include_path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prompt = LM_EVAL_PROMPT.replace("{question}", "{{question}}").replace("\n", "\\n")
+    common = "dataset_path: json\ntest_split: test\n" f'doc_to_text: "{prompt}"\n'
+    for task, rows, body in [
+        (LM_EVAL_MC_TASK, mc_rows or LM_EVAL_MC_ROWS,
+         'output_type: multiple_choice\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"),
+        (LM_EVAL_GEN_TASK, gen_rows or LM_EVAL_GEN_ROWS,
+         'output_type: generate_until\ndoc_to_target: "{{answer}}"\n'
+         f'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {LM_EVAL_GEN_TOKENS}\n  do_sample: false\n'
+         "metric_list:\n  - metric: exact_match\n"),
+    ]:
+        data = write_jsonl(folder / f"{task}.jsonl", rows)
+        (folder / f"{task}.yaml").write_text(f"task: {task}\n{common}dataset_kwargs:\n  data_files:\n"
+                                             f"    test: {json.dumps(str(data.resolve()))}\n{body}", encoding="utf-8")
+    return folder
+
 
 def free_port() -> int:
     """A loopback port nothing listens on (right now)."""

@@ -6,7 +6,7 @@
 
 Every model step goes through dadpo's own library calls (the code behind the CLI commands):
   1. task: reverse or sort a lowercase string of 3-10 letters, one user turn in a chat template
-     (task.py, character-level tokenizer); answers are checked exactly.
+     (task.py, character-level tokenizer); answers are checked by dadpo's answer match.
   2. teacher: a small Llama-architecture model trained from scratch on ground truth (`dadpo sft`).
   3. students: the teacher structurally pruned by 20% and 50% of its non-embedding weights
      (attention heads + MLP neurons, prune.py), then a brief recovery fine-tune (`dadpo sft`).
@@ -313,13 +313,15 @@ def drop_ties(pairs: Path, out: Path) -> None:
 def pair_statistics(pairs: Path) -> dict:
     import polars as pl
 
+    from dadpo.eval.answer import answers_match
+
     frame = pl.read_parquet(pairs)
     chosen = [m[0]["content"] for m in frame["chosen"].to_list()]
     rejected = [m[0]["content"] for m in frame["rejected"].to_list()]
     answers = frame["answer"].to_list()
     n = max(len(answers), 1)
-    return {"rows": len(answers), "teacher_correct": sum(c == a for c, a in zip(chosen, answers)) / n,
-            "student_correct": sum(r == a for r, a in zip(rejected, answers)) / n,
+    return {"rows": len(answers), "teacher_correct": sum(answers_match(c, a) for c, a in zip(chosen, answers)) / n,
+            "student_correct": sum(answers_match(r, a) for r, a in zip(rejected, answers)) / n,
             "identical": sum(c == r for c, r in zip(chosen, rejected)) / n}
 
 
@@ -328,15 +330,16 @@ def pair_statistics(pairs: Path) -> dict:
 
 def evaluate(model: Path, test: list[dict]) -> list[bool]:
     """Greedy responses to the held-out prompts (dadpo.sampling, the sampler behind dadpo generate),
-    compared exactly with the answers."""
+    checked by dadpo's answer match (dadpo.eval.answer, the check of `dadpo eval --judge answer`)."""
     from dadpo.config import Sampling
     from dadpo.engine import EngineOptions
+    from dadpo.eval.answer import answers_match
     from dadpo.sampling import sample_responses
 
     prompts = [[{"role": "user", "content": row["prompt"]}] for row in test]
     responses = sample_responses(str(model), prompts, Sampling(max_new_tokens=12, temperature=0.0),
                                  engine=EngineOptions(batch_size=len(prompts)))
-    return [response.strip() == row["answer"] for response, row in zip(responses, test)]
+    return [answers_match(response, row["answer"]) for response, row in zip(responses, test)]
 
 
 def win_rate(correct: list[bool], teacher_correct: list[bool]) -> dict:
