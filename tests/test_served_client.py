@@ -13,6 +13,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from dadpo.cache.models import named
 from dadpo.errors import DadpoError
 from dadpo.scoring.client import Http, key_from_env, redact_url
 from dadpo.scoring.server import probe_server
@@ -128,6 +129,12 @@ def test_redact_url():
     with pytest.raises(DadpoError) as exc:
         Http("user:pw@host:8000", **QUICK)
     one_line(exc, "host:8000: not an http(s) URL", hidden=("pw",))
+    with pytest.raises(DadpoError) as exc:  # cache-teacher's reading of --teacher-url
+        named(["big=http://u:pw@host:1", "big=http://u:pw@host:2"], "--teacher-url")
+    one_line(exc, "--teacher-url big=http://host:2: the teacher 'big' is given twice", hidden=("pw",))
+    with pytest.raises(DadpoError) as exc:
+        named(["http://u:pw@host:1", "b=http://u:pw@host:2"], "--teacher-url")
+    one_line(exc, "name each one (NAME=...): http://host:1, b=http://host:2", hidden=("pw",))
 
 
 def test_a_redirect_is_not_followed():

@@ -16,7 +16,7 @@ from dadpo.config import CacheTeacherConfig
 from dadpo.errors import DadpoError
 from dadpo.modeling import check_model_folder, max_positions, resolve_model, resolved_dtype, weights_digest
 from dadpo.scoring import backend_version, pick_backend
-from dadpo.scoring.client import ENV_NAME, key_from_env
+from dadpo.scoring.client import ENV_NAME, key_from_env, redact_url
 from dadpo.scoring.server import probe_server
 from dadpo.tokenization import parse_template_kwargs, today
 
@@ -40,16 +40,18 @@ class Sides:
 def named(values: list[str] | str | None, flag: str) -> dict[str, str]:
     """[NAME=]VALUE items (a single string too) -> {name: value}; "" names the one unnamed item."""
     found: dict[str, str] = {}
-    for item in [values] if isinstance(values, str) else values or []:
+    items = [values] if isinstance(values, str) else list(values or [])
+    shown = [redact_url(item) for item in items] if flag.endswith("-url") else items  # no credentials in messages
+    for item, seen in zip(items, shown):
         name, sep, value = item.partition("=")
         if not (sep and _NAME.match(name) and not os.path.exists(item)):
             name, value = "", item
         if name in found:
-            raise DadpoError(f"{flag} {item}: {'the teacher ' + repr(name) if name else 'an unnamed value'} is given "
+            raise DadpoError(f"{flag} {seen}: {'the teacher ' + repr(name) if name else 'an unnamed value'} is given "
                              "twice; name each one NAME=...")
         found[name] = value
     if "" in found and len(found) > 1:
-        raise DadpoError(f"{flag}: with several teachers, name each one (NAME=...): {', '.join(values)}")
+        raise DadpoError(f"{flag}: with several teachers, name each one (NAME=...): {', '.join(shown)}")
     return found
 
 
