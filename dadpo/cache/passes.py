@@ -65,6 +65,8 @@ class Side:
     template_date: str | None
     record: dict  # its manifest entry
     url: str | None = None  # scored through this OpenAI-compatible server instead of loaded
+    api_key: str | None = field(default=None, repr=False)  # that server's key (never shown)
+    key_source: str | None = None  # where the key came from ($VAR), or the flag that gives one
 
     def tokenizer(self, trust_remote_code: bool) -> ModelTokenizer:
         """Loaded once per process (the plan and a pass in the same process share it)."""
@@ -267,7 +269,7 @@ class PassJob:
     trust_remote_code: bool
     progress: bool
     reuse_from: list[str] = field(default_factory=list)
-    server: dict = field(default_factory=dict)  # ServerScorer settings for a served model
+    server: dict = field(default_factory=dict, repr=False)  # ServerScorer settings (its key too) for a served model
     source: str = ""  # the pairs file, for messages
 
     @property

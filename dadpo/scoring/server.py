@@ -13,27 +13,23 @@ the sent id's entry and check it is there). As in the offline backend, a request
 token, so the longest scorable sequence is max_model_len - 1.
 
 probe_server() runs once before scoring: which model, which vLLM, its context length, and whether
-its tokenizer and vocabulary agree with the local tokenizer. The standard library's urllib does
-the HTTP: no dependency beyond dadpo's own.
+its tokenizer and vocabulary agree with the local tokenizer. The HTTP (urllib: no dependency beyond
+dadpo's own), the server's key and the URL's credentials: dadpo.scoring.client.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import queue
 import threading
-import time
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from dadpo.errors import DadpoError
 from dadpo.scoring.base import Scorer, TokenizedSequence
+from dadpo.scoring.client import Http, Refused, one_line
 
-_MAX_BACKOFF_S = 30.0
+_Http = Http  # the served client, also known by this name here
 _CLAMPED_NEG_INF = -9999.0
 # Ids the gallop in _vocab_size may try before deciding the server checks none (2**31).
 _MAX_TOKEN_ID = 2**31 - 1
@@ -46,102 +42,6 @@ _SAMPLE_TEXTS = (
     "日本語のテキスト。東京は日本の首都です。 Emoji: 🙂 🚀 ❤️ 👍",
     "def add(a, b):\n    return a + b  # 0x1F 3.14159 1e-9",
 )
-
-
-class _Refused(Exception):
-    """The server answered 4xx (not 429): bad input, never retried."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
-
-
-def normalize_url(url: str) -> str:
-    """The server's base URL: no trailing slash, and no /v1 (OpenAI clients' base_url carries it)."""
-    base = url.strip().rstrip("/")
-    if base.endswith("/v1"):
-        base = base[: -len("/v1")]
-    if not base.startswith(("http://", "https://")):
-        raise DadpoError(f"{url}: not an http(s) URL (e.g. http://host:8000)")
-    return base
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _error_message(body: bytes) -> str:
-    """The message of a vLLM/OpenAI error body ({"error": {"message"}}, or FastAPI's {"detail"})."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return _one_line(body.decode("utf-8", "replace")) or "no message"
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and "message" in error:
-            return _one_line(error["message"])
-        for key in ("message", "detail"):
-            if key in data:
-                return _one_line(data[key])
-    return _one_line(body.decode("utf-8", "replace"))
-
-
-class _Http:
-    """JSON over HTTP to one server, with timeouts and retries with exponential backoff.
-
-    Retried: connection errors, timeouts, 5xx and 429 (busy, restarting, a proxy in between).
-    Not retried: other 4xx (_Refused), and a 200 whose body is not JSON (not a vLLM server)."""
-
-    def __init__(self, url: str, *, timeout_s: float, retries: int, backoff_s: float, where: str):
-        self.url = normalize_url(url)
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.where = where
-
-    def call(self, path: str, payload: dict | None = None, stop: threading.Event | None = None) -> Any:
-        """GET path (payload None) or POST payload as JSON; the decoded JSON answer."""
-        data = None if payload is None else json.dumps(payload).encode()
-        method = "GET" if payload is None else "POST"
-        last_error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                delay = min(self.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
-                if stop is None:
-                    time.sleep(delay)
-                elif stop.wait(delay):
-                    break  # another request already failed for good: give up quietly
-            request = urllib.request.Request(self.url + path, data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    body = response.read()
-            except urllib.error.HTTPError as exc:
-                try:
-                    message = _error_message(exc.read())
-                except (OSError, http.client.HTTPException):  # the error body itself was cut off
-                    message = exc.reason or "no message"
-                if exc.code == 429 or exc.code >= 500:
-                    last_error = f"{exc.code}: {message}"
-                    continue
-                raise _Refused(exc.code, message) from None
-            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, not HTTP
-                reason = getattr(exc, "reason", None) or exc
-                last_error = _one_line(f"{type(reason).__name__}: {reason}")
-                continue
-            try:
-                return json.loads(body)
-            except ValueError:
-                raise DadpoError(f"{self.where} {self.url}: {method} {path} answered with something that is not "
-                                 f"JSON ({_one_line(body[:80].decode('utf-8', 'replace'))!r}); is this a vLLM "
-                                 "OpenAI-compatible server?") from None
-        raise DadpoError(f"{self.where} {self.url}: {method} {path} failed after {attempt + 1} tries "
-                         f"(last error: {last_error}); is the server running?")
-
-    def fail(self, what: str) -> DadpoError:
-        return DadpoError(f"{self.where} {self.url}: {what}")
 
 
 def _completion_request(served_model: str | None, ids: list[int], prompt_logprobs: bool) -> dict:
@@ -159,16 +59,19 @@ class ServerScorer(Scorer):
     tokenizer_vocab_size: ids must lie in [0, this): the local tokenizer's size, or the vocab_size
     of probe_server's record (the ids the server accepts), so a bad id is refused before sending.
     max_length: the longest sequence (prompt + response tokens) sent; at most the server's
-    max_model_len - 1. None leaves the check to the server (its refusal is one DadpoError)."""
+    max_model_len - 1. None leaves the check to the server (its refusal is one DadpoError).
+    api_key, key_source: the server's key and where it came from (see dadpo.scoring.client.Http)."""
 
     backend = "vllm-server"
 
     def __init__(self, url: str, *, tokenizer_vocab_size: int, max_length: int | None,
                  served_model: str | None = None, concurrency: int = 8, timeout_s: float = 120,
-                 retries: int = 5, backoff_s: float = 1.0, where: str = "--teacher-url"):
+                 retries: int = 5, backoff_s: float = 1.0, where: str = "--teacher-url",
+                 api_key: str | None = None, key_source: str | None = None):
         if concurrency < 1:
             raise DadpoError(f"{where}: concurrency must be at least 1, got {concurrency}")
-        self._http = _Http(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, where=where)
+        self._http = Http(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, where=where,
+                           api_key=api_key, key_source=key_source)
         self.url = self._http.url
         self.vocab_size = tokenizer_vocab_size
         self.max_length = max_length
@@ -231,7 +134,7 @@ class ServerScorer(Scorer):
     def _score_one(self, i: int, ids: list[int], n_prompt: int, stop: threading.Event) -> float:
         try:
             answer = self._http.call("/v1/completions", _completion_request(self.served_model, ids, True), stop)
-        except _Refused as exc:
+        except Refused as exc:
             raise self._http.fail(f"the server refused sequence {i} ({exc})") from None
         return _response_logprob(answer, ids, n_prompt, lambda what: self._http.fail(f"sequence {i}: {what}"))
 
@@ -261,10 +164,10 @@ def _response_logprob(answer: Any, ids: list[int], n_prompt: int, fail: Callable
     return total
 
 
-def _server_version(client: _Http) -> str:
+def _server_version(client: Http) -> str:
     try:
         answer = client.call("/version")
-    except _Refused as exc:
+    except Refused as exc:
         raise client.fail(f"GET /version answered {exc}; is this a vLLM server?") from None
     if not isinstance(answer, dict) or not isinstance(answer.get("version"), str):
         raise client.fail("GET /version did not answer {\"version\": ...}; is this a vLLM server?")
@@ -273,18 +176,21 @@ def _server_version(client: _Http) -> str:
 
 def probe_server(url: str, *, tokenizer, max_length: int | None, served_model: str | None = None,
                  timeout_s: float = 30, retries: int = 2, backoff_s: float = 1.0, where: str = "--teacher-url",
-                 tokenizer_name: str = "--teacher's tokenizer") -> dict:
+                 tokenizer_name: str = "--teacher's tokenizer", api_key: str | None = None,
+                 key_source: str | None = None) -> dict:
     """Check that the server at url can score for `tokenizer` and return the manifest's record:
     {"url", "served_model", "server_version", "max_model_len", "vocab_size"}.
 
     Refused (one DadpoError line): no server or not a vLLM one; served_model not served (or several
     served and none named); a server tokenizer that tokenizes sample texts differently; a model
     vocabulary that does not cover the local tokenizer's ids; max_length over max_model_len - 1.
-    vocab_size is the number of token ids the server accepts in a prompt."""
-    client = _Http(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, where=where)
+    vocab_size is the number of token ids the server accepts in a prompt. The URL is recorded
+    without credentials (redact_url); api_key and key_source as in Http."""
+    client = Http(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, where=where, api_key=api_key,
+                   key_source=key_source)
     try:
         models = client.call("/v1/models")
-    except _Refused as exc:
+    except Refused as exc:
         raise client.fail(f"GET /v1/models answered {exc}; is this the base URL of a vLLM "
                           "OpenAI-compatible server (e.g. http://host:8000)?") from None
     cards = models.get("data") if isinstance(models, dict) else None
@@ -312,7 +218,7 @@ def probe_server(url: str, *, tokenizer, max_length: int | None, served_model: s
             "max_model_len": max_model_len, "vocab_size": vocab_size}
 
 
-def _choose_model(client: _Http, cards: list[dict], served_model: str | None) -> dict:
+def _choose_model(client: Http, cards: list[dict], served_model: str | None) -> dict:
     names = [card["id"] for card in cards]
     if served_model is not None:
         for card in cards:
@@ -324,7 +230,7 @@ def _choose_model(client: _Http, cards: list[dict], served_model: str | None) ->
     return cards[0]
 
 
-def _check_tokenizer(client: _Http, name: str, tokenizer, tokenizer_name: str) -> None:
+def _check_tokenizer(client: Http, name: str, tokenizer, tokenizer_name: str) -> None:
     """The server's /tokenize must give the local tokenizer's ids on sample texts (and on the local
     special tokens): same ids, same text, so the same tokenizer as far as dadpo can tell."""
     specials = " ".join(str(token) for token in getattr(tokenizer, "all_special_tokens", []))
@@ -332,7 +238,7 @@ def _check_tokenizer(client: _Http, name: str, tokenizer, tokenizer_name: str) -
     for text in texts:
         try:
             answer = client.call("/tokenize", {"model": name, "prompt": text, "add_special_tokens": False})
-        except _Refused as exc:
+        except Refused as exc:
             raise client.fail(f"POST /tokenize answered {exc}: dadpo needs the server's tokenizer to check "
                               f"it against {tokenizer_name} (was the server started with --skip-tokenizer-init?)"
                               ) from None
@@ -343,12 +249,12 @@ def _check_tokenizer(client: _Http, name: str, tokenizer, tokenizer_name: str) -
         if server_ids != local_ids:
             first = next((k for k, (a, b) in enumerate(zip(server_ids, local_ids)) if a != b),
                          min(len(server_ids), len(local_ids)))
-            raise client.fail(f"the server's model {name} tokenizes {_one_line(text, 40)!r} differently from "
+            raise client.fail(f"the server's model {name} tokenizes {one_line(text, 40)!r} differently from "
                               f"{tokenizer_name} (from token {first}: server {server_ids[first:first + 4]}, local "
                               f"{local_ids[first:first + 4]}): they are not the same tokenizer")
 
 
-def _vocab_size(client: _Http, name: str, local_size: int) -> int:
+def _vocab_size(client: Http, name: str, local_size: int) -> int:
     """The smallest token id the server refuses in a prompt (vLLM answers 400 "Token id N is out of
     vocabulary"; it accepts ids below max(its tokenizer's, its model's vocabulary)). Found by
     galloping up from the local tokenizer's largest id, then bisecting: a few tiny requests."""
@@ -356,7 +262,7 @@ def _vocab_size(client: _Http, name: str, local_size: int) -> int:
     def accepts(token_id: int) -> bool:
         try:
             client.call("/v1/completions", _completion_request(name, [token_id], False))
-        except _Refused as exc:
+        except Refused as exc:
             if exc.status != 400:
                 raise client.fail(f"a one-token request to {name} answered {exc}") from None
             if token_id == 0:
