@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 from dadpo import stop
 from dadpo.atomic import sweep_temp_files, temp_path, write_json_atomic, write_parquet_atomic
 from dadpo.cache.claims import worker_claim
-from dadpo.cache.layout import REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR, shard_file, teacher_prefix, work_path
+from dadpo.cache.layout import (DROPPED_NAME, MANIFEST_NAME, REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR, shard_file,
+                                teacher_prefix, work_path)
 from dadpo.cache.manifest import (differences, forget_shard, locked, manifest_path, new_manifest, read_manifest,
                                   record_shard, write_dropped_ids)
 from dadpo.cache.models import Sides, describe_models, server_settings
@@ -41,6 +42,7 @@ from dadpo.cache.shards import assemble_shard, check_shard, shard_entry, whole_u
 from dadpo.config import CacheTeacherConfig
 from dadpo.errors import DadpoError
 from dadpo.modeling import check_dtype
+from dadpo.ownership import ensure_owned
 from dadpo.pairs import load_pairs
 from dadpo.runner import run_passes
 from dadpo.scoring import BACKENDS
@@ -68,6 +70,8 @@ class CacheSummary:
 def cache_teacher(cfg: CacheTeacherConfig) -> CacheSummary:
     started = time.monotonic()
     _check_flags(cfg)
+    if cfg.overwrite:
+        _refuse_unowned(Path(cfg.out), cfg)  # before anything there changes
     out, created = _prepare_out(cfg.out)
     scratch = temp_path(out / "plan")
     try:
@@ -207,6 +211,15 @@ def _refuse_foreign(folder: Path) -> None:
                          "dadpo cache; choose another --out")
 
 
+def _refuse_unowned(out: Path, cfg: CacheTeacherConfig) -> None:
+    # --overwrite removes shards/, work/, dropped_ids.txt and the manifest: only where a manifest that
+    # reads as dadpo's says the folder is a cache, and never what this run reads
+    reads = [("--pairs", cfg.pairs), ("--reference", cfg.reference)] + [("--reuse-from", old) for old in cfg.reuse_from]
+    ensure_owned(out, flag="--out", what="a dadpo cache", marker=MANIFEST_NAME,
+                 parse=lambda path: read_manifest(path.parent), removes=[SHARDS_DIR, WORK_DIR, DROPPED_NAME,
+                                                                         MANIFEST_NAME], protected=reads)
+
+
 def _refuse_old_rule(out: Path, existing: dict | None) -> None:
     if existing is not None and existing["schema_version"] != SCHEMA_VERSION:
         raise DadpoError(f"--out {out}: a cache made by tokenization rule {existing.get('tokenization_rule')} (schema "
@@ -235,7 +248,7 @@ def _open_or_create(out: Path, header: dict, overwrite: bool) -> dict:
             # The manifest goes last: a crash in between leaves a cache that --overwrite still recognises.
             for name in (SHARDS_DIR, WORK_DIR):
                 shutil.rmtree(out / name, ignore_errors=True)
-            (out / "dropped_ids.txt").unlink(missing_ok=True)
+            (out / DROPPED_NAME).unlink(missing_ok=True)
             manifest_path(out).unlink()
         existing = _read_existing(out)
         if existing is None:
