@@ -197,7 +197,7 @@ def _refuse_unowned(cfg: GenerateConfig, out: Path, work: Path) -> None:
     reads = [("--prompts", cfg.prompts), ("--teacher", cfg.teacher), ("--student", cfg.student)]
     marker = out.name if out.suffix.lower() == ".parquet" else sidecar_path(out).name
     ensure_owned(out, flag="--out", what="a dadpo generate output", marker=marker,
-                 parse=lambda _: _finished_settings(out), removes=[out.name, work.name], protected=reads)
+                 parse=lambda _: _finished_settings(out), removes=[out.resolve(), work.resolve()], protected=reads)
     ensure_owned(work, flag="--out", what="dadpo generate's unfinished work", marker=SETTINGS_NAME,
                  parse=lambda path: read_json_object(path, "generate settings"), removes=[work.resolve()],
                  protected=reads)
