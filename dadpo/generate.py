@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 from dadpo import stop
 from dadpo.atomic import write_atomic, write_json_atomic, write_parquet_atomic
 from dadpo.errors import DadpoError
-from dadpo.modeling import ResolvedModel, model_tokenizer, resolve_model, resolved_dtype, torch_dtype, weights_digest
+from dadpo.modeling import (ResolvedModel, check_device, model_tokenizer, resolve_model, resolved_dtype, torch_dtype,
+                            weights_digest)
 from dadpo.config import GenerateConfig
 from dadpo.ownership import ensure_owned, read_json_object
 from dadpo.pairs import decode_prompt, load_prompts
@@ -142,6 +143,7 @@ def _check_flags(cfg: GenerateConfig) -> None:
         raise DadpoError(f"--out {cfg.out}: is a folder, expected a pairs file name")
     check_date(cfg.template_date)
     torch_dtype(cfg.dtype)
+    check_device(cfg.engine.device)
 
 
 def _describe(cfg: GenerateConfig, role: str, backend: str, date: str) -> dict:

@@ -41,7 +41,7 @@ from dadpo.cache.passes import PLAN_COLUMNS, PassJob, plan_shards, run_pass
 from dadpo.cache.shards import assemble_shard, check_shard, shard_entry, whole_unrecorded_shard
 from dadpo.config import CacheTeacherConfig
 from dadpo.errors import DadpoError
-from dadpo.modeling import check_dtype
+from dadpo.modeling import check_device, check_dtype
 from dadpo.ownership import ensure_owned
 from dadpo.pairs import load_pairs
 from dadpo.runner import run_passes
@@ -180,6 +180,7 @@ def _check_flags(cfg: CacheTeacherConfig) -> None:
                              "only caches made by this dadpo can be reused")
     check_date(cfg.template_date)
     check_dtype(cfg.dtype)
+    check_device(cfg.engine.device)
 
 
 def _prepare_out(out: str) -> tuple[Path, bool]:
