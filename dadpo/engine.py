@@ -104,6 +104,7 @@ def build_llm(model_path: str, revision: str | None, dtype: str, options: Engine
             raise DadpoError(f"--fp32-head: this vLLM ({vllm_version()}) does not support head_dtype")
         hf_overrides["head_dtype"] = "float32"
     extra = dict(options.extra)
+    check_vllm_args(extra)
     hf_overrides.update(extra.pop("hf_overrides", None) or {})  # user keys win, head_dtype kept
     if hf_overrides:
         args["hf_overrides"] = hf_overrides
@@ -115,6 +116,24 @@ def build_llm(model_path: str, revision: str | None, dtype: str, options: Engine
         return LLM(**args)
     finally:
         renderer_log.removeFilter(warmup_filter)
+
+
+def check_vllm_args(extra: dict, flag: str = "--vllm-arg") -> None:
+    """Refuse, in one line, keys vllm.LLM does not take (its own arguments and EngineArgs' fields):
+    vLLM itself would fail with a TypeError deep in engine start-up."""
+    if not extra:
+        return
+    import dataclasses
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)} | set(inspect.signature(LLM.__init__).parameters)
+    unknown = sorted(set(extra) - known - {"self", "kwargs"})
+    if unknown:
+        raise DadpoError(f"{flag}: {', '.join(unknown)}: not an argument of vllm.LLM ({vllm_version()}); see "
+                         "vLLM's engine arguments (EngineArgs) for the names it takes")
 
 
 def shutdown_llm(llm) -> None:

@@ -38,7 +38,7 @@ from dadpo.cache.manifest import (differences, forget_shard, locked, manifest_pa
                                   record_shard, write_dropped_ids)
 from dadpo.cache.models import Sides, describe_models, server_settings
 from dadpo.cache.passes import PLAN_COLUMNS, PassJob, plan_shards, run_pass
-from dadpo.cache.shards import assemble_shard, check_shard, shard_entry, whole_unrecorded_shard
+from dadpo.cache.shards import Cache, assemble_shard, check_shard, shard_entry, whole_unrecorded_shard
 from dadpo.config import CacheTeacherConfig
 from dadpo.errors import DadpoError
 from dadpo.modeling import check_device, check_dtype
@@ -178,6 +178,10 @@ def _check_flags(cfg: CacheTeacherConfig) -> None:
         if manifest["schema_version"] < 2:
             raise DadpoError(f"--reuse-from {old}: a schema {manifest['schema_version']} cache records no sequence keys; "
                              "only caches made by this dadpo can be reused")
+        try:  # its scores are copied under fresh checksums: each recorded shard must be as recorded
+            Cache(Path(old), manifest).verify()
+        except DadpoError as exc:
+            raise DadpoError(f"--reuse-from {old}: {exc}") from None
     check_date(cfg.template_date)
     check_dtype(cfg.dtype)
     check_device(cfg.engine.device)
