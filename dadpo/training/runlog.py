@@ -59,6 +59,14 @@ class RunLog:
             self.writer.close()
 
 
+def check_logs(out: Path) -> None:
+    """Before a resumed run changes anything: its logs read (a torn last line aside), or one line names
+    the file and line that does not."""
+    for name in ("metrics", "eval"):
+        if (Path(out) / f"{name}.jsonl").exists():
+            _records(Path(out) / f"{name}.jsonl")
+
+
 def _records(path: Path) -> list[tuple[str, dict]]:
     """(line, record) of each logged step; an unparseable last line (torn mid-append) is dropped."""
     try:

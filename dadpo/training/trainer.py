@@ -40,7 +40,7 @@ from dadpo.training import checkpoint as ckpt
 from dadpo.training.config import LoopConfig, run_differences
 from dadpo.training.data import global_batch_rows, prefetched, process_rows
 from dadpo.training.run_folder import ADAPTER_DIR, MODEL_DIR, RunFolder
-from dadpo.training.runlog import RunLog
+from dadpo.training.runlog import RunLog, check_logs
 
 
 @dataclass
@@ -107,6 +107,8 @@ class Trainer:
                                   "distributed_type": str(accelerator.distributed_type.value),
                                   "mixed_precision": accelerator.mixed_precision})
         start = ckpt.find_start(self.run.path, cfg.resume, cfg.overwrite, self.record, run_differences, self.say)
+        if start is not None:
+            check_logs(self.run.path)
         accelerator.wait_for_everyone()  # every process has looked at RUN before the main one changes it
         if accelerator.is_main_process:
             self.run.prepare(fresh=start is None)
