@@ -66,6 +66,8 @@ def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
     _check_flags(cfg)
     out = Path(cfg.out)
     work = work_dir(out)
+    if cfg.overwrite:
+        _refuse_unowned(cfg, out, work)  # before anything: --overwrite replaces OUT and removes OUT.work
     backend = pick_backend(cfg.backend)
     existing = _settings_file(work)
     date = cfg.template_date or (existing or {}).get("template_date") or today()
@@ -83,8 +85,6 @@ def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
             "template_date": date if any(side["record"]["template_date"] for side in sides.values()) else None,
             **{role: side["record"] for role, side in sides.items()},
         }
-        if cfg.overwrite:
-            _refuse_unowned(cfg, out, work)
         if out.exists():
             done = _finished_settings(out)
             if cfg.overwrite:
