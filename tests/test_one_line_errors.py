@@ -33,9 +33,9 @@ def prompts(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpointed_run(cache_dir, models, tmp_path_factory) -> Path:
-    """A finished 2-step run with a checkpoint after each step."""
+    """A finished 3-step run with a checkpoint after each step."""
     run = tmp_path_factory.mktemp("resume") / "run"
-    result = run_cli("train", "--cache", cache_dir, "--model", models["student_b"], "--out", run, "--max-steps", 2,
+    result = run_cli("train", "--cache", cache_dir, "--model", models["student_b"], "--out", run, "--max-steps", 3,
                      "--save-every", 1, *TRAIN, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return run
@@ -45,10 +45,13 @@ def checkpointed_run(cache_dir, models, tmp_path_factory) -> Path:
 
 
 def test_resume_drops_a_torn_last_log_line(checkpointed_run, cache_dir, models, tmp_path):
+    """Killed while appending step 3's line, after step 2's checkpoint."""
     run = tmp_path / "run"
     shutil.copytree(checkpointed_run, run)
-    with open(run / "metrics.jsonl", "a") as log:
-        log.write('{"step": 3, "loss": 0.69')  # a kill -9 mid-append
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    (run / "summary.json").unlink()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:len(lines[2]) // 2])
     result = run_cli("train", "--cache", cache_dir, "--model", models["student_b"], "--out", run, "--max-steps", 3,
                      "--save-every", 1, "--resume", *TRAIN, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -88,7 +91,7 @@ def test_an_unexpected_failure_is_one_line_and_the_traceback_is_one_variable_awa
 # ---------------------------------------------------------------- flags checked up front
 
 
-@pytest.mark.parametrize("device, why", [("gpu", "unknown device"), ("cuda", "no CUDA device"),
+@pytest.mark.parametrize("device, why", [("gpu", "unknown device"), ("cuda", "this machine has no CUDA device"),
                                          ("cuda:x", "unknown device")])
 def test_device_is_checked_up_front(device, why, pairs_file, cache_dir, models, prompts, tmp_path):
     cases = [(cache_args(pairs_file, models, tmp_path / "cache", "--device", device), tmp_path / "cache"),
