@@ -244,7 +244,8 @@ def _read_existing(out: Path) -> dict | None:
     try:
         return read_manifest(out)
     except DadpoError as exc:
-        raise DadpoError(f"{exc}; pass --overwrite to start over, or choose another --out") from None
+        # --overwrite clears only a folder whose manifest reads as dadpo's, so it is no way out here
+        raise DadpoError(f"{exc}; choose another --out (or remove that folder yourself if it is yours)") from None
 
 
 def _open_or_create(out: Path, header: dict, overwrite: bool) -> dict:
