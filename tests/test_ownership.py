@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,8 +90,6 @@ def test_a_damaged_run_record_is_not_dadpos(finished_run, cache_dir, models, tmp
 def test_a_finished_run_is_trained_again_in_place(finished_run, cache_dir, models, tmp_path):
     """The folder dadpo made stays dadpo's to clear: a fresh run over it (--overwrite) works."""
     run = tmp_path / "again"
-    import shutil
-
     shutil.copytree(finished_run, run)
     result = run_cli("train", "--cache", cache_dir, "--model", models["student"], "--out", run, "--overwrite", *TRAIN,
                      env=ENV)

@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 from dadpo import stop
 from dadpo.atomic import sweep_temp_files, temp_path, write_json_atomic, write_parquet_atomic
 from dadpo.cache.claims import worker_claim
-from dadpo.cache.layout import (DROPPED_NAME, MANIFEST_NAME, REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR, shard_file,
-                                teacher_prefix, work_path)
+from dadpo.cache.layout import (DROPPED_NAME, MANIFEST_NAME, REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR,
+                                shard_file, teacher_prefix, work_path)
 from dadpo.cache.manifest import (differences, forget_shard, locked, manifest_path, new_manifest, read_manifest,
                                   record_shard, write_dropped_ids)
 from dadpo.cache.models import Sides, describe_models, server_settings
