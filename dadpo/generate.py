@@ -34,16 +34,19 @@ import pyarrow.parquet as pq
 from dadpo import stop
 from dadpo.atomic import write_atomic, write_json_atomic, write_parquet_atomic
 from dadpo.errors import DadpoError
-from dadpo.modeling import ResolvedModel, model_tokenizer, resolve_model, resolved_dtype, torch_dtype, weights_digest
+from dadpo.modeling import (ResolvedModel, check_device, model_tokenizer, resolve_model, resolved_dtype, torch_dtype,
+                            weights_digest)
 from dadpo.config import GenerateConfig
+from dadpo.ownership import ensure_owned, read_json_object
 from dadpo.pairs import decode_prompt, load_prompts
 from dadpo.runner import Progress, run_passes
 from dadpo.sampling import make_sampler
 from dadpo.scoring import backend_version, pick_backend
-from dadpo.tokenization import check_date, parse_template_kwargs, today
+from dadpo.tokenization import check_date, first_line, parse_template_kwargs, today
 
 ROLES = ("teacher", "student")
 METADATA_KEY = "dadpo.generate"
+SETTINGS_NAME = "settings.json"  # OUT.work's marker: written first
 FORMAT_VERSION = 2
 
 
@@ -63,6 +66,8 @@ def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
     _check_flags(cfg)
     out = Path(cfg.out)
     work = work_dir(out)
+    if cfg.overwrite:
+        _refuse_unowned(cfg, out, work)  # before anything: --overwrite replaces OUT and removes OUT.work
     backend = pick_backend(cfg.backend)
     existing = _settings_file(work)
     date = cfg.template_date or (existing or {}).get("template_date") or today()
@@ -138,6 +143,7 @@ def _check_flags(cfg: GenerateConfig) -> None:
         raise DadpoError(f"--out {cfg.out}: is a folder, expected a pairs file name")
     check_date(cfg.template_date)
     torch_dtype(cfg.dtype)
+    check_device(cfg.engine.device)
 
 
 def _describe(cfg: GenerateConfig, role: str, backend: str, date: str) -> dict:
@@ -187,26 +193,39 @@ class _scratch:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def _refuse_unowned(cfg: GenerateConfig, out: Path, work: Path) -> None:
+    """--overwrite replaces OUT and removes OUT.work: only when dadpo generate made them, and never
+    what this run reads."""
+    reads = [("--prompts", cfg.prompts), ("--teacher", cfg.teacher), ("--student", cfg.student)]
+    marker = out.name if out.suffix.lower() == ".parquet" else sidecar_path(out).name
+    ensure_owned(out, flag="--out", what="a dadpo generate output", marker=marker,
+                 parse=lambda _: _finished_settings(out), removes=[out.resolve(), work.resolve()], protected=reads)
+    ensure_owned(work, flag="--out", what="dadpo generate's unfinished work", marker=SETTINGS_NAME,
+                 parse=lambda path: read_json_object(path, "generate settings"), removes=[work.resolve()],
+                 protected=reads)
+
+
 def _settings_file(work: Path) -> dict | None:
     try:
-        return json.loads((work / "settings.json").read_text(encoding="utf-8"))
+        return json.loads((work / SETTINGS_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
 def _open_work(work: Path, settings: dict, overwrite: bool) -> None:
-    settings_file = work / "settings.json"
+    settings_file = work / SETTINGS_NAME
     if overwrite:
         shutil.rmtree(work, ignore_errors=True)
     if settings_file.exists():
-        existing = json.loads(settings_file.read_text(encoding="utf-8"))
+        existing = read_json_object(settings_file, "generate settings")
         if _guarded(existing) != _guarded(settings):
             raise DadpoError(f"--out: unfinished work in {work} was made with other settings "
                              f"({', '.join(_changed(existing, settings))}); "
                              "re-run with the same flags to finish it, or pass --overwrite to start over")
         return
     if work.exists() and any(work.iterdir()):
-        raise DadpoError(f"--out: {work} holds files but no settings.json; pass --overwrite to start over")
+        raise DadpoError(f"--out: {work} holds files but no {SETTINGS_NAME}, so it is not dadpo generate's work; "
+                         "choose another --out")
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(settings_file, settings)
 
@@ -218,9 +237,13 @@ def _finished_settings(out: Path) -> dict | None:
         except (pa.ArrowException, OSError):
             return None
         raw = metadata.get(METADATA_KEY.encode())
-        return json.loads(raw) if raw else None
+        try:
+            settings = json.loads(raw) if raw else None
+        except ValueError as exc:
+            raise DadpoError(f"{out}: unreadable {METADATA_KEY} metadata ({first_line(exc)})") from None
+        return settings if isinstance(settings, dict) else None
     sidecar = sidecar_path(out)
-    return json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else None
+    return read_json_object(sidecar, "dadpo generate sidecar") if sidecar.exists() else None
 
 
 def _chunk_path(work: Path, role: str, k: int) -> Path:

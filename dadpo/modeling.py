@@ -158,6 +158,33 @@ def check_dtype(name: str, flag: str = "--dtype") -> None:
         raise DadpoError(f"{flag} {name}: unknown dtype; choose one of {', '.join(DTYPES)}")
 
 
+_DEVICE_KINDS = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(name: str | None, flag: str = "--device") -> None:
+    """Refuse, up front and in one line, a device torch does not know (`gpu`) or this machine lacks
+    (`cuda` without CUDA, `cuda:3` on a two-GPU node). None: the default, cuda if available else cpu."""
+    if name is None:
+        return
+    kind, colon, index = name.partition(":")
+    if kind not in _DEVICE_KINDS or (colon and not index.isdigit()):
+        raise DadpoError(f"{flag} {name}: unknown device; use cpu, cuda, cuda:N (N the GPU number), mps or xpu")
+    if kind == "cpu":
+        if index:
+            raise DadpoError(f"{flag} {name}: unknown device; use cpu")
+        return
+    import torch
+
+    backend = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, "mps", None)
+    available = bool(backend and backend.is_available())
+    if not available:
+        raise DadpoError(f"{flag} {name}: this machine has no {kind.upper() if kind != 'mps' else 'MPS'} device "
+                         "torch can use; use --device cpu (or leave --device out)")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if index and int(index) >= count:
+        raise DadpoError(f"{flag} {name}: this machine has {count} {kind} device(s), numbered 0..{count - 1}")
+
+
 def torch_dtype(name: str, flag: str = "--dtype"):
     import torch
 

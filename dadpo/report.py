@@ -96,6 +96,8 @@ def plot_runs(paths: list[str], out: str, smooth: int = 1, width: float = 15.0, 
     axes[0].legend(fontsize=8, title="run (o = eval)", title_fontsize=8)
     figure.tight_layout()
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, lambda tmp: figure.savefig(tmp, format="png"))
+    try:  # write_atomic makes the folder too, and turns a failure into one line naming the file
+        write_atomic(target, lambda tmp: figure.savefig(tmp, format="png"))
+    except DadpoError as exc:
+        raise DadpoError(f"--out {exc}") from None
     return target, runs

@@ -30,8 +30,15 @@ from dadpo.errors import DadpoError
 _EXIT_GRACE_S = 30.0
 
 
-def call_isolated(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+class SubprocessDied(DadpoError):
+    """An isolated pass's process ended without a result (killed, out of memory, a crash in native
+    code): one line naming the pass and how the process ended."""
+
+
+def call_isolated(function: Callable[..., Any], *args: Any, what: str | None = None, **kwargs: Any) -> Any:
     """function(*args, **kwargs) in a spawned process; its return value, or its exception re-raised.
+    A process that dies without a result raises SubprocessDied naming `what` (e.g. "the teacher pass
+    (--teacher M)"; default: the function's name).
 
     function, its arguments and its result must pickle (a module-level function, dataclasses,
     numpy arrays, ...). Any script that calls this needs an `if __name__ == "__main__":` guard.
@@ -47,8 +54,11 @@ def call_isolated(function: Callable[..., Any], *args: Any, **kwargs: Any) -> An
             status, payload = receiver.recv()
         except EOFError:
             process.join()
-            raise RuntimeError(f"{_name(function)}: its subprocess died with exit code {process.exitcode} "
-                               "before returning a result") from None
+            code = process.exitcode
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            raise SubprocessDied(f"{what or _name(function)}: its process {how} before finishing (out of memory, a "
+                                 "kill or a crash in the engine); finished units are kept: re-run the same command "
+                                 "to continue") from None
     finally:
         stop.forward_to(None)
         receiver.close()
@@ -105,7 +115,7 @@ def run_passes(function: Callable[[Any], dict], jobs: list, isolated: Callable[[
     stats = {}
     for job in jobs:
         try:
-            stats[job.role] = call_isolated(function, job) if isolated(job) else function(job)
+            stats[job.role] = call_isolated(function, job, what=_pass_name(job)) if isolated(job) else function(job)
         except Exception:
             # a stop signal to the whole process group can kill an engine mid-unit; that unit was
             # abandoned unpublished, so this is a stop, not a failure
@@ -113,6 +123,13 @@ def run_passes(function: Callable[[Any], dict], jobs: list, isolated: Callable[[
             raise
         stop.raise_if_requested()
     return stats
+
+
+def _pass_name(job) -> str:
+    """'the teacher pass (M)': the pass's role and, where the job names one, its model."""
+    model = getattr(job, "model", None) or getattr(getattr(job, "side", None), "name", None)
+    name = getattr(model, "name", model)
+    return f"the {job.role} pass" + (f" ({name})" if name else "")
 
 
 class Progress:

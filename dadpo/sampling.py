@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
-from dadpo.engine import EngineOptions, build_llm, checkpoint_dtype, shutdown_llm
+from dadpo.engine import EngineOptions, build_llm, checkpoint_dtype, env_defaults, shutdown_llm
 from dadpo.errors import DadpoError
 from dadpo.modeling import ResolvedModel, max_positions, model_tokenizer, resolve_model
 from dadpo.config import Sampling
@@ -103,6 +103,7 @@ class HFSampler:
 class VLLMSampler:
     def __init__(self, model: ResolvedModel, tokenizer: ModelTokenizer, sampling: Sampling, stream: str,
                  dtype: str = "auto", engine: EngineOptions = EngineOptions(), trust_remote_code: bool = False):
+        env_defaults()  # before vllm's first import in this process
         from vllm import SamplingParams
 
         self.SamplingParams, self.sampling, self.stream = SamplingParams, sampling, stream

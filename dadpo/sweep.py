@@ -3,6 +3,7 @@
 The cache holds the teacher's and the reference's log-probs, so every grid point loads only the
 student: the teacher and reference models are never needed again (their folders may be gone).
 
+    RUNS/sweep.json          written first: marks RUNS as a sweep's (a non-empty RUNS without it is refused)
     RUNS/b1=0.1_b2=0.01/     one `dadpo train` run folder per point
     RUNS/summary.csv         final train and eval metrics per point
     RUNS/summary.md          the same as a markdown table
@@ -22,18 +23,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from dadpo import stop
-from dadpo.atomic import write_atomic
+from dadpo import __version__, stop
+from dadpo.atomic import write_atomic, write_json_atomic
 from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
 from dadpo.heatmap import beta_axes, beta_figure, draw_beta_heatmap, save_png
 from dadpo.config import TrainConfig
+from dadpo.ownership import ensure_owned, read_json_object
 from dadpo.recipes.dadpo import cache_fingerprint, policy_start, teacher_weights, train
 from dadpo.training.config import run_differences
 from dadpo.training.checkpoint import list_checkpoints
 from dadpo.training.run_folder import RunFolder
 
 METRICS = [("eval_loss", "eval loss"), ("eval_reward_accuracy", "eval reward accuracy"), ("eval_margin", "eval margin")]
+MARKER_NAME = "sweep.json"
 COLUMNS = ["beta1", "beta2", "method", "run", "status", "steps", "final_loss", "final_reward_accuracy",
            "final_margin", "eval_loss", "eval_reward_accuracy", "eval_margin"]
 
@@ -72,6 +75,9 @@ def run_sweep(base: TrainConfig, beta1s: list[float], beta2s: list[float],
         raise DadpoError("--beta1 and --beta2 each need at least one value")
     replace(base, resume=False).check()
     root = Path(base.out)
+    # every process, before anything is written: RUNS is new, empty or a sweep's (each point's own
+    # folder is checked again by train())
+    ensure_owned(root, flag="--out", what="a dadpo sweep folder", marker=MARKER_NAME, parse=_parse_marker)
     # Fail before the first run if the policy start cannot be found (e.g. the reference folder
     # was deleted after caching and no --model was given) or does not match the cache.
     cache = open_cache(base.cache)
@@ -84,6 +90,9 @@ def run_sweep(base: TrainConfig, beta1s: list[float], beta2s: list[float],
                      "mixed_precision": base.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")}
     points = [(b1, b2) for b1 in beta1s for b2 in beta2s]
     main = state.is_main_process
+    if main:
+        write_json_atomic(root / MARKER_NAME, {"made_by": "dadpo sweep", "dadpo_version": __version__,
+                                               "cache": str(base.cache), "beta1": beta1s, "beta2": beta2s})
     results = []
     for number, (beta1, beta2) in enumerate(points, 1):
         name = run_name(beta1, beta2)
@@ -113,6 +122,11 @@ def run_sweep(base: TrainConfig, beta1s: list[float], beta2s: list[float],
         write_summary(root, results)
         say(f"summary: {root / 'summary.csv'}, {root / 'summary.md'}, {root / 'summary.png'}")
     return results
+
+
+def _parse_marker(path: Path) -> dict | None:
+    marker = read_json_object(path, "sweep marker")
+    return marker if marker.get("made_by") == "dadpo sweep" else None
 
 
 def _check_same_settings(run: RunFolder, now: dict) -> None:

@@ -89,12 +89,16 @@ def today() -> str:
 
 
 def check_date(value: str | None, flag: str = "--template-date") -> None:
+    """YYYY-MM-DD exactly, as the manifest schema records it (date.fromisoformat alone would also take
+    20240101 and 2024-W01-1)."""
     if value is None:
         return
     try:
-        _dt.date.fromisoformat(value)
+        valid = _dt.date.fromisoformat(value).isoformat() == value
     except ValueError:
-        raise DadpoError(f"{flag} {value}: expected a date as YYYY-MM-DD") from None
+        valid = False
+    if not valid:
+        raise DadpoError(f"{flag} {value}: expected a date as YYYY-MM-DD, e.g. 2024-07-01")
 
 
 def parse_template_kwargs(text: str | None, flag: str) -> dict:

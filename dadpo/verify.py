@@ -29,7 +29,7 @@ from dadpo.cache import Cache, open_cache
 from dadpo.cache.layout import teacher_prefix
 from dadpo.errors import DadpoError
 from dadpo.logprobs import ResponseLogprobs, score_pairs
-from dadpo.modeling import ResolvedModel, check_dtype, load_causal_lm, model_tokenizer, resolve_model
+from dadpo.modeling import ResolvedModel, check_device, check_dtype, load_causal_lm, model_tokenizer, resolve_model
 from dadpo.config import VerifyConfig
 from dadpo.pairs import decode_prompt
 from dadpo.tokenization import ModelTokenizer, pad_id_of, pair_responses
@@ -165,6 +165,7 @@ def verify_cache(cfg: VerifyConfig) -> dict:
     if cfg.batch_size < 1:
         raise DadpoError(f"--batch-size {cfg.batch_size}: must be at least 1")
     check_dtype(cfg.dtype)
+    check_device(cfg.device)
     cache = open_cache(cfg.cache)  # complete, and every shard as the manifest recorded it
     totals = cache.manifest["totals"]
     result = {"cache": str(cfg.cache), "rows": totals["rows"], "dropped": totals["dropped"],

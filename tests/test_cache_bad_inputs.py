@@ -181,7 +181,7 @@ def test_unreadable_manifest(models, pairs_file, tmp_path):
     out.mkdir()
     (out / "manifest.json").write_text('{"schema_version": 1, "pairs": ')
     result = run_cli(*cache_args(pairs_file, models, out))
-    assert_one_line_error(result, "manifest.json: unreadable manifest", "pass --overwrite to start over")
+    assert_one_line_error(result, "manifest.json: unreadable manifest", "choose another --out")
 
 
 def _without_write_override() -> list[str]:

@@ -255,10 +255,10 @@ def test_call_isolated_returns_results_and_errors_and_survives_a_dead_child(tmp_
     import operator
 
     from dadpo.pairs import load_pairs
-    from dadpo.runner import call_isolated
+    from dadpo.runner import SubprocessDied, call_isolated
 
     assert call_isolated(operator.add, 2, 3) == 5
     with pytest.raises(DadpoError, match="no such file"):  # bad input stays a one-line DadpoError
         call_isolated(load_pairs, str(tmp_path / "missing.jsonl"))
-    with pytest.raises(RuntimeError, match="died with exit code 3"):
-        call_isolated(os._exit, 3)
+    with pytest.raises(SubprocessDied, match="the exit pass: its process exited with code 3"):
+        call_isolated(os._exit, 3, what="the exit pass")

@@ -32,15 +32,17 @@ import pyarrow.parquet as pq
 from dadpo import stop
 from dadpo.atomic import sweep_temp_files, temp_path, write_json_atomic, write_parquet_atomic
 from dadpo.cache.claims import worker_claim
-from dadpo.cache.layout import REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR, shard_file, teacher_prefix, work_path
+from dadpo.cache.layout import (DROPPED_NAME, MANIFEST_NAME, REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR,
+                                shard_file, teacher_prefix, work_path)
 from dadpo.cache.manifest import (differences, forget_shard, locked, manifest_path, new_manifest, read_manifest,
                                   record_shard, write_dropped_ids)
 from dadpo.cache.models import Sides, describe_models, server_settings
 from dadpo.cache.passes import PLAN_COLUMNS, PassJob, plan_shards, run_pass
-from dadpo.cache.shards import assemble_shard, check_shard, shard_entry, whole_unrecorded_shard
+from dadpo.cache.shards import Cache, assemble_shard, check_shard, shard_entry, whole_unrecorded_shard
 from dadpo.config import CacheTeacherConfig
 from dadpo.errors import DadpoError
-from dadpo.modeling import check_dtype
+from dadpo.modeling import check_device, check_dtype
+from dadpo.ownership import ensure_owned
 from dadpo.pairs import load_pairs
 from dadpo.runner import run_passes
 from dadpo.scoring import BACKENDS
@@ -68,6 +70,8 @@ class CacheSummary:
 def cache_teacher(cfg: CacheTeacherConfig) -> CacheSummary:
     started = time.monotonic()
     _check_flags(cfg)
+    if cfg.overwrite:
+        _refuse_unowned(Path(cfg.out), cfg)  # before anything there changes
     out, created = _prepare_out(cfg.out)
     scratch = temp_path(out / "plan")
     try:
@@ -174,8 +178,13 @@ def _check_flags(cfg: CacheTeacherConfig) -> None:
         if manifest["schema_version"] < 2:
             raise DadpoError(f"--reuse-from {old}: a schema {manifest['schema_version']} cache records no sequence keys; "
                              "only caches made by this dadpo can be reused")
+        try:  # its scores are copied under fresh checksums: each recorded shard must be as recorded
+            Cache(Path(old), manifest).verify()
+        except DadpoError as exc:
+            raise DadpoError(f"--reuse-from {old}: {exc}") from None
     check_date(cfg.template_date)
     check_dtype(cfg.dtype)
+    check_device(cfg.engine.device)
 
 
 def _prepare_out(out: str) -> tuple[Path, bool]:
@@ -207,6 +216,15 @@ def _refuse_foreign(folder: Path) -> None:
                          "dadpo cache; choose another --out")
 
 
+def _refuse_unowned(out: Path, cfg: CacheTeacherConfig) -> None:
+    # --overwrite removes shards/, work/, dropped_ids.txt and the manifest: only where a manifest that
+    # reads as dadpo's says the folder is a cache, and never what this run reads
+    reads = [("--pairs", cfg.pairs), ("--reference", cfg.reference)] + [("--reuse-from", old) for old in cfg.reuse_from]
+    ensure_owned(out, flag="--out", what="a dadpo cache", marker=MANIFEST_NAME,
+                 parse=lambda path: read_manifest(path.parent), removes=[SHARDS_DIR, WORK_DIR, DROPPED_NAME,
+                                                                         MANIFEST_NAME], protected=reads)
+
+
 def _refuse_old_rule(out: Path, existing: dict | None) -> None:
     if existing is not None and existing["schema_version"] != SCHEMA_VERSION:
         raise DadpoError(f"--out {out}: a cache made by tokenization rule {existing.get('tokenization_rule')} (schema "
@@ -226,7 +244,8 @@ def _read_existing(out: Path) -> dict | None:
     try:
         return read_manifest(out)
     except DadpoError as exc:
-        raise DadpoError(f"{exc}; pass --overwrite to start over, or choose another --out") from None
+        # --overwrite clears only a folder whose manifest reads as dadpo's, so it is no way out here
+        raise DadpoError(f"{exc}; choose another --out (or remove that folder yourself if it is yours)") from None
 
 
 def _open_or_create(out: Path, header: dict, overwrite: bool) -> dict:
@@ -235,7 +254,7 @@ def _open_or_create(out: Path, header: dict, overwrite: bool) -> dict:
             # The manifest goes last: a crash in between leaves a cache that --overwrite still recognises.
             for name in (SHARDS_DIR, WORK_DIR):
                 shutil.rmtree(out / name, ignore_errors=True)
-            (out / "dropped_ids.txt").unlink(missing_ok=True)
+            (out / DROPPED_NAME).unlink(missing_ok=True)
             manifest_path(out).unlink()
         existing = _read_existing(out)
         if existing is None:

@@ -45,7 +45,7 @@ from dadpo.modeling import ResolvedModel, model_tokenizer
 from dadpo.pairs import decode_prompt
 from dadpo.pairs_rows import RESPONSE_COLUMNS, SIDES
 from dadpo.runner import Progress
-from dadpo.tokenization import ModelTokenizer, length_rule, pair_responses
+from dadpo.tokenization import ModelTokenizer, first_line, length_rule, pair_responses
 
 _IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -352,9 +352,12 @@ class ReuseIndex:
                     continue
                 prefix = REFERENCE if role == "reference" else "teacher" + role.removeprefix("teacher").replace(":", "_")
                 for entry in manifest["shards"]:
-                    part = pq.read_table(Path(cache) / shard_file(entry["index"], manifest["num_shards"]),
-                                         columns=[f"{prefix}_{kind}_{side}" for kind in ("key", "logp")
-                                                  for side in ("chosen", "rejected")])
+                    file = Path(cache) / shard_file(entry["index"], manifest["num_shards"])
+                    try:  # verified when the run started (cache-teacher's flag checks)
+                        part = pq.read_table(file, columns=[f"{prefix}_{kind}_{side}" for kind in ("key", "logp")
+                                                            for side in ("chosen", "rejected")])
+                    except (pa.ArrowException, OSError) as exc:
+                        raise DadpoError(f"--reuse-from {cache}: {file}: unreadable ({first_line(exc)})") from None
                     for side in ("chosen", "rejected"):
                         keys.append(part[f"{prefix}_key_{side}"].to_numpy())
                         logps.append(part[f"{prefix}_logp_{side}"].to_numpy())

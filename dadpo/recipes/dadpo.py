@@ -62,7 +62,7 @@ def train(cfg: TrainConfig) -> dict:
     trainer = Trainer(cfg, model=model, tokenizer=tokenizer, train_rows=train_rows.height, unit="pairs",
                       metric_names=METRIC_NAMES,
                       record={"model": model.name, "cache_fingerprint": cache_fingerprint(cache),
-                              "teacher_mixture": weights})
+                              "teacher_mixture": weights}, reads={"--cache": cfg.cache})
     shared, packed = trainer.choose_layout(pairs=True)
 
     def make_batch(batch_rows: pl.DataFrame) -> PairBatch:

@@ -65,7 +65,8 @@ def sft(cfg: SftConfig) -> dict:
     trainer = Trainer(cfg, model=model, tokenizer=student.tokenizer, train_rows=train_rows.height, unit="examples",
                       metric_names=METRIC_NAMES,
                       record={"model": model.name, "pairs_fingerprint": pairs.fingerprint,
-                              "tokenizer_digest": student.digest, "max_length": max_length})
+                              "tokenizer_digest": student.digest, "max_length": max_length},
+                      reads={"--pairs": cfg.pairs})
     _, packed = trainer.choose_layout(pairs=False)
 
     def make_batch(batch_rows: pl.DataFrame) -> SftBatch:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dadpo.engine import EngineOptions, build_llm, checkpoint_dtype, shutdown_llm, vllm_version
+from dadpo.engine import EngineOptions, build_llm, checkpoint_dtype, env_defaults, shutdown_llm, vllm_version
 from dadpo.errors import DadpoError
 from dadpo.modeling import ResolvedModel
 from dadpo.scoring.base import Scorer, TokenizedSequence
@@ -32,6 +32,7 @@ def _uses_v2_runner(engine) -> bool:
 class VLLMScorer(Scorer):
     def __init__(self, model: ResolvedModel, dtype: str, options: EngineOptions, trust_remote_code: bool = False,
                  max_model_len: int | None = None):
+        env_defaults()  # before vllm's first import in this process
         from vllm import SamplingParams
 
         self._SamplingParams = SamplingParams

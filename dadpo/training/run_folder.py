@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 from dadpo.atomic import write_json_atomic
+from dadpo.ownership import ensure_owned, read_json_object
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
+RECORD_NAME = "train_config.json"  # written first: the marker of a folder dadpo trains in
 
 
 class RunFolder:
@@ -32,7 +35,7 @@ class RunFolder:
 
     @property
     def record_path(self) -> Path:
-        return self.path / "train_config.json"
+        return self.path / RECORD_NAME
 
     def finished_summary(self) -> dict | None:
         """The summary of a finished run; None for a run that never finished (or whose summary
@@ -42,19 +45,26 @@ class RunFolder:
     def record(self) -> dict | None:
         return _read_json(self.record_path)
 
+    @staticmethod
+    def removed(fresh: bool) -> list[str]:
+        """What prepare() removes, in order: summary.json first (it marks a run finished)."""
+        names = ["summary.json", "eval.json", MODEL_DIR, ADAPTER_DIR]
+        return names + ([CHECKPOINTS_DIR, "tb", "metrics.jsonl", "eval.jsonl", "start_check.json"] if fresh else [])
+
+    def check_owned(self, fresh: bool, reads: Mapping[str, str | None]) -> None:
+        """Every process, before anything changes: refuse a non-empty folder that is not a dadpo run,
+        and a run whose clearing would remove what it reads (`reads`: {"--model": folder, ...})."""
+        ensure_owned(self.path, flag="--out", what="a dadpo training run", marker=RECORD_NAME, parse=_parse_record,
+                     removes=self.removed(fresh), protected=reads)
+
     def prepare(self, fresh: bool) -> None:
         """Main process, before training: make the folder and make it stop looking finished. A fresh
-        run also clears an earlier run's logs and checkpoints (refused earlier unless --overwrite)."""
+        run also clears an earlier run's logs and checkpoints (refused earlier unless --overwrite).
+        check_owned() said first that all of it is dadpo's."""
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in ("summary.json", "eval.json"):  # summary.json first: it marks a run finished
-            (self.path / name).unlink(missing_ok=True)
-        stale = [MODEL_DIR, ADAPTER_DIR]
-        if fresh:
-            stale += [CHECKPOINTS_DIR, "tb"]
-            for name in ("metrics.jsonl", "eval.jsonl", "start_check.json"):
-                (self.path / name).unlink(missing_ok=True)
-        for name in stale:
-            shutil.rmtree(self.path / name, ignore_errors=True)
+        for name in self.removed(fresh):
+            target = self.path / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
 
     def write_record(self, record: dict) -> None:
         write_json_atomic(self.record_path, record)
@@ -65,6 +75,11 @@ class RunFolder:
     def finish(self, summary: dict, eval_metrics: dict) -> None:
         write_json_atomic(self.path / "eval.json", eval_metrics)
         write_json_atomic(self.summary_path, summary)  # last: marks the run finished
+
+
+def _parse_record(path: Path) -> dict | None:
+    record = read_json_object(path, "run record")
+    return record if "total_steps" in record else None
 
 
 def _read_json(path: Path) -> dict | None:

@@ -40,7 +40,7 @@ from dadpo.training import checkpoint as ckpt
 from dadpo.training.config import LoopConfig, run_differences
 from dadpo.training.data import global_batch_rows, prefetched, process_rows
 from dadpo.training.run_folder import ADAPTER_DIR, MODEL_DIR, RunFolder
-from dadpo.training.runlog import RunLog
+from dadpo.training.runlog import RunLog, check_logs
 
 
 @dataclass
@@ -69,11 +69,15 @@ def lr_factor(cfg: LoopConfig, total_steps: int) -> Callable[[int], float]:
 
 class Trainer:
     def __init__(self, cfg: LoopConfig, *, model: ResolvedModel, tokenizer, train_rows: int, unit: str,
-                 record: dict, metric_names: tuple[str, ...], say: Callable[[str], None] = print):
+                 record: dict, metric_names: tuple[str, ...], reads: dict[str, str | None] | None = None,
+                 say: Callable[[str], None] = print):
+        """`reads`: what else the run reads, {"--cache": path}: never removed with RUN's old contents."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
 
         cfg.check()
+        self.run = RunFolder(cfg.out)
+        self.run.check_owned(fresh=not cfg.resume, reads={"--model": model.local_path, **(reads or {})})
         self.cfg, self.model, self.tokenizer, self.unit, self.metric_names = cfg, model, tokenizer, unit, metric_names
         self.train_count = train_rows
         self.accelerator = accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
@@ -102,8 +106,9 @@ class Trainer:
                                   "num_processes": accelerator.num_processes,
                                   "distributed_type": str(accelerator.distributed_type.value),
                                   "mixed_precision": accelerator.mixed_precision})
-        self.run = RunFolder(cfg.out)
         start = ckpt.find_start(self.run.path, cfg.resume, cfg.overwrite, self.record, run_differences, self.say)
+        if start is not None:
+            check_logs(self.run.path)
         accelerator.wait_for_everyone()  # every process has looked at RUN before the main one changes it
         if accelerator.is_main_process:
             self.run.prepare(fresh=start is None)
