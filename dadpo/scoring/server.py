@@ -94,8 +94,14 @@ class _Http:
     Retried: connection errors, timeouts, 5xx and 429 (busy, restarting, a proxy in between).
     Not retried: other 4xx (_Refused), and a 200 whose body is not JSON (not a vLLM server)."""
 
-    def __init__(self, url: str, *, timeout_s: float, retries: int, backoff_s: float, where: str):
+    def __init__(self, url: str, *, timeout_s: float, retries: int, backoff_s: float, where: str,
+                 api_key: str | None = None, key_source: str | None = None):
         self.url = normalize_url(url)
+        # sent as a bearer token, never logged; key_source (e.g. "$JUDGE_KEY") is what messages name
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self.key_source = key_source
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -113,8 +119,7 @@ class _Http:
                     time.sleep(delay)
                 elif stop.wait(delay):
                     break  # another request already failed for good: give up quietly
-            request = urllib.request.Request(self.url + path, data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(self.url + path, data=data, method=method, headers=self._headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     body = response.read()
