@@ -5,7 +5,6 @@ kill -9, a stop signal) with the requests counted at the server; the settings gu
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
@@ -201,18 +200,17 @@ def test_bad_inputs_are_one_line(files, tmp_path):
         cases = [
             (args("--model", f"u={unknown}"), env, ["u=", "'zz'", "not in --prompts"]),
             (args("--model", f"m={missing}"), env, ["m=", "'p0'", "no response"]),
-            ([*_eval_args(files, judge, *key)[:5], "--model", f"cand={files['cand']}", "--judge-url", judge.url,
-              "--judge-model", "m", "--out", files["out"]], env, ["--baseline", "missing"]),
+            (["eval", "--prompts", files["prompts"], "--model", f"cand={files['cand']}", "--judge-url", judge.url,
+              "--judge-model", "m", "--out", files["out"]], env, ["--baseline"]),
             (["eval", "--prompts", files["prompts"], "--baseline", f"t={tmp_path / 'nope.jsonl'}", "--model",
-              f"c={files['cand']}", "--judge", "answer", "--out", files["out"]], {}, ["--baseline", "nope.jsonl"]),
+              f"c={files['cand']}", "--judge", "answer", "--out", files["out"]], env, ["--baseline", "nope.jsonl"]),
             (args(), {"JUDGE_KEY": ""}, ["--judge-api-key-env JUDGE_KEY", "not set"]),
-            (_eval_args(files, judge), {}, ["--judge-url", "401", "--judge-api-key-env"]),
+            (_eval_args(files, judge), env, ["--judge-url", "401", "--judge-api-key-env"]),
             ([*_eval_args(files, judge)[:9], "--judge-url", f"http://127.0.0.1:{free_port()}/v1", "--judge-model", "m",
-              "--judge-retries", "1", "--out", files["out"]], {}, ["--judge-url", "unreachable"]),
+              "--judge-retries", "1", "--out", files["out"]], env, ["--judge-url", "unreachable"]),
         ]
         for command, extra_env, fragments in cases:
-            result = run_cli(*command, env={"JUDGE_KEY": "", **extra_env} if extra_env or "JUDGE_KEY" not in
-                             os.environ else extra_env)
+            result = run_cli(*command, env=extra_env)
             assert_one_line_error(result, *fragments)
         assert not judge.received  # nothing was judged by any refused run
         good = run_cli(*args(), env=env)
