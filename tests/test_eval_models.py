@@ -1,0 +1,143 @@
+"""`dadpo eval` with real models: responses generated from tiny models through dadpo's sampling path
+(checked against a plain greedy decode) and reused by a run that adds a model; a sweep folder
+expanded to its finished points; the answer judge; a real vLLM api_server as the judge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from dadpo.config import EvalConfig
+from dadpo.errors import DadpoError
+from dadpo.eval.run import evaluate
+from support import ScriptedJudge, write_jsonl
+
+QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three."]
+MAX_NEW = 6
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"q{i}", "prompt": q, "answer": str(i)}
+                                                    for i, q in enumerate(QUESTIONS)])
+
+
+def _greedy(model_dir, prompt: str) -> tuple[list[int], str]:
+    """An independent greedy decode: the chat template rendered by transformers, argmax per step."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([t for t in tokenizer.all_special_tokens])}
+    out = []
+    with torch.no_grad():
+        for _ in range(MAX_NEW):
+            token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            out.append(token)
+            if token in eos:
+                break
+    return out, tokenizer.decode([t for t in out if t not in eos], skip_special_tokens=True)
+
+
+def _config(prompts, out, *models, **changes) -> EvalConfig:
+    settings = dict(prompts=str(prompts), baseline=None, model=list(models), judge="answer", backend="hf",
+                    dtype="float32", max_new_tokens=MAX_NEW, bootstrap=50, out=str(out), progress=False)
+    return EvalConfig(**{**settings, **changes})
+
+
+def test_generated_responses_match_a_greedy_decode_and_are_reused(models, prompts, tmp_path):
+    out = tmp_path / "eval"
+    lines = []
+    cfg = _config(prompts, out, f"student={models['student']}", baseline=f"teacher={models['teacher']}")
+    summary = evaluate(cfg, say=lines.append)
+    stored = pl.read_parquet(out / "responses" / "teacher.parquet")
+    assert stored["id"].to_list() == [f"q{i}" for i in range(len(QUESTIONS))]
+    for i, question in enumerate(QUESTIONS):
+        ids, text = _greedy(models["teacher"], question)
+        assert stored["token_ids"][i].to_list() == ids
+        assert stored["response"][i] == text
+    assert summary["models"]["student"]["length_unit"] == "tokens"
+    assert sum(1 for line in lines if line.startswith("[")) == 2  # both models generated
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "responses").iterdir()}
+    lines.clear()
+    again = evaluate(_config(prompts, out, f"student={models['student']}", f"b={models['student_b']}",
+                             baseline=f"teacher={models['teacher']}"), say=lines.append)
+    generating = [line for line in lines if line.startswith("[")]
+    assert len(generating) == 1 and " b " in generating[0]  # only the added model
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "responses").iterdir() if p.name in before} == before
+    assert again["models"]["student"] == summary["models"]["student"]
+    # other sampling settings for a kept model: refused with one line naming the setting
+    with pytest.raises(DadpoError, match="sampling"):
+        evaluate(_config(prompts, out, f"student={models['student']}", baseline=f"teacher={models['teacher']}",
+                         max_new_tokens=MAX_NEW + 1), say=lines.append)
+
+
+def test_answer_judge_by_hand(prompts, tmp_path):
+    base = write_jsonl(tmp_path / "b.jsonl", [{"id": "q0", "response": "#### 0"}, {"id": "q1", "response": "1"},
+                                              {"id": "q2", "response": "no idea"}, {"id": "q3", "response": "7"}])
+    cand = write_jsonl(tmp_path / "c.jsonl", [{"id": "q0", "response": "so 0"}, {"id": "q1", "response": "2"},
+                                              {"id": "q2", "response": "it is 2"}, {"id": "q3", "response": "3"}])
+    summary = evaluate(_config(prompts, tmp_path / "eval", f"c={cand}", baseline=f"b={base}"), say=lambda x: None)
+    got = summary["models"]["c"]
+    # q0 both right (tie), q1 only the baseline (loss), q2 and q3 only the model (wins)
+    assert (got["win"], got["tie"], got["loss"], got["parse_failures"]) == (2, 1, 1, 0)
+    assert got["win_rate"] == pytest.approx(2.5 / 4)
+    assert got["accuracy"] == pytest.approx(3 / 4) and summary["baseline_accuracy"] == pytest.approx(2 / 4)
+    assert got["position_consistency"] is None
+
+
+def test_a_sweep_folder_expands_to_its_finished_points(models, tmp_path):
+    runs = tmp_path / "runs"
+    for name, finished in (("b1=0.1_b2=0.01", True), ("b1=0.1_b2=0", True), ("b1=0.2_b2=0.01", False)):
+        shutil.copytree(models["student"], runs / name / "model")
+        if finished:
+            (runs / name / "summary.json").write_text(json.dumps({"steps": 1}))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hi"}, {"id": "b", "prompt": "Bye"}])
+    judge_replies = lambda prompt, payload: "[[A]]"  # noqa: E731
+    with ScriptedJudge(judge_replies) as judge:
+        summary = evaluate(EvalConfig(prompts=str(prompts), baseline=f"teacher={models['teacher']}",
+                                      model=[str(runs)], judge_url=judge.url, judge_model="j", backend="hf",
+                                      dtype="float32", max_new_tokens=4, bootstrap=20, out=str(tmp_path / "eval"),
+                                      progress=False), say=lambda x: None)
+    assert sorted(summary["models"]) == ["b1=0.1_b2=0", "b1=0.1_b2=0.01"]
+    assert (tmp_path / "eval" / "sweep_heatmap.png").exists()
+    assert len(judge.received) == 2 * 2 * 2
+
+
+@pytest.mark.vllm
+def test_a_real_vllm_server_as_the_judge(vllm_server, vllm_ready, tmp_path):
+    """A random tiny model rarely writes [[A]]/[[B]]/[[C]]: its replies are parse failures, never losses."""
+    ids = [f"p{i}" for i in range(3)]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prompt": f"Question {i}"} for i in ids])
+    base = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "response": "baseline"} for i in ids])
+    cand = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "response": "candidate"} for i in ids])
+    template = tmp_path / "t.jinja"
+    template.write_text("Q {{ question }} A {{ answer_a }} B {{ answer_b }} [[A]] [[B]] [[C]]?")
+    summary = evaluate(EvalConfig(prompts=str(prompts), baseline=f"base={base}", model=[f"c={cand}"],
+                                  judge_url=vllm_server["url"] + "/v1", judge_model=vllm_server["model"],
+                                  judge_template=str(template), judge_retries=1, judge_max_new_tokens=8,
+                                  bootstrap=20, out=str(tmp_path / "eval"), progress=False), say=lambda x: None)
+    got = summary["models"]["c"]
+    table = pl.read_parquet(tmp_path / "eval" / "judgments.parquet")
+    assert table.height == 6 and table["reply"].null_count() == 0
+    from dadpo.eval.verdicts import order_outcome, parse_verdict
+
+    verdicts = {(r["id"], r["order"]): parse_verdict(r["reply"]) for r in table.iter_rows(named=True)}
+    assert [r["verdict"] for r in table.iter_rows(named=True)] == [verdicts[(r["id"], r["order"])]
+                                                                   for r in table.iter_rows(named=True)]
+    # unparsed replies were asked again once (2 attempts), parsed ones not
+    assert all((r["attempts"] == 2) == (r["verdict"] is None) for r in table.iter_rows(named=True))
+    outcomes = [order_outcome(verdicts[(i, "AB")], verdicts[(i, "BA")]) for i in ids]
+    assert got["parse_failures"] == sum(o is None for o in outcomes)
+    assert got["loss"] == sum(o == 0.0 for o in outcomes)
+    assert got["win"] + got["tie"] + got["loss"] + got["parse_failures"] == 3
+    assert (got["win_rate"] is None) == all(o is None for o in outcomes)
+    assert np.isfinite(got["parse_failures"])
