@@ -130,7 +130,7 @@ def test_bench_train_quick_through_the_gpu_suite(tmp_path):
 
 
 def test_bench_judge_quick(tmp_path):
-    """dadpo eval against a loopback judge: every judgment made once, the re-run sends nothing."""
+    """dadpo eval against a loopback judge, quick: the table and sane numbers (speed is not asserted)."""
     stdout, result = run_bench("bench_judge.py", "--quick", tmp_path=tmp_path)
     assert result["judgments"] == 200 and result["concurrency"] == 64
     assert positive(result["first_run_wall_s"]) and positive(result["rerun_wall_s"])
