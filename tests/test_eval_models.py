@@ -141,3 +141,28 @@ def test_a_real_vllm_server_as_the_judge(vllm_server, vllm_ready, tmp_path):
     assert got["win"] + got["tie"] + got["loss"] + got["parse_failures"] == 3
     assert (got["win_rate"] is None) == all(o is None for o in outcomes)
     assert np.isfinite(got["parse_failures"])
+
+
+def test_a_local_causal_lm_judge_greedy_then_parse_failures(models, tmp_path):
+    """--judge PATH (hf): each order's prompt through the judge's chat template, greedy; a random tiny
+    judge writes no verdict, so every prompt is a parse failure and there is no rate (not 0)."""
+    from dadpo.eval.verdicts import load_judge_template, render_judge_prompt
+
+    ids = ["a", "b"]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prompt": f"Question {i}"} for i in ids])
+    base = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "response": f"base {i}"} for i in ids])
+    cand = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "response": f"cand {i}"} for i in ids])
+    summary = evaluate(EvalConfig(prompts=str(prompts), baseline=f"base={base}", model=[f"c={cand}"],
+                                  judge=str(models["teacher"]), judge_retries=0, judge_max_new_tokens=MAX_NEW,
+                                  backend="hf", dtype="float32", bootstrap=20, out=str(tmp_path / "eval"),
+                                  progress=False), say=lambda x: None)
+    got = summary["models"]["c"]
+    assert (got["win"], got["tie"], got["loss"], got["parse_failures"]) == (0, 0, 0, 2)
+    assert got["win_rate"] is None and got["ci95"] is None
+    assert summary["judge"]["kind"] == "local" and summary["judge"]["weights_digest"]
+    table = pl.read_parquet(tmp_path / "eval" / "judgments.parquet")
+    template = load_judge_template(None)
+    for r in table.iter_rows(named=True):
+        a, b = (f"cand {r['id']}", f"base {r['id']}") if r["order"] == "AB" else (f"base {r['id']}", f"cand {r['id']}")
+        _, text = _greedy(models["teacher"], render_judge_prompt(template, f"Question {r['id']}", a, b))
+        assert r["reply"] == text and r["verdict"] is None and r["attempts"] == 1
