@@ -6,6 +6,7 @@ polars, so `dadpo --help` and flag errors answer at once.
     TrainConfig         dadpo train, sweep      SftConfig                  dadpo sft
     VerifyConfig        dadpo verify-cache      (the generic training flags: dadpo.training.config.LoopConfig;
                                                  how engines run: dadpo.engine.EngineOptions)
+    EvalConfig          dadpo eval
 """
 
 from __future__ import annotations

@@ -57,11 +57,11 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] = print) -> dict:
     prompts = load_eval_prompts(cfg.prompts)
     if judge_kind == "answer":
         _check_answers(prompts)
+    existing = _read_settings(out)
+    date = cfg.template_date or (existing or {}).get("template_date") or _today()
     with stop.handling():
-        judge = _make_judge(cfg, judge_kind, api_key)
+        judge = _make_judge(cfg, judge_kind, api_key, date)
         judge.probe()
-        existing = _read_settings(out)
-        date = cfg.template_date or (existing or {}).get("template_date") or _today()
         settings = {"format": FORMAT, "template_date": date,
                     "baseline": {"name": baseline.name, "source": _source_id(baseline)},
                     # the URL is left out: the same judge restarted elsewhere continues the eval
@@ -172,7 +172,7 @@ def _backend(cfg: EvalConfig) -> str:
     return pick_backend(cfg.backend)
 
 
-def _make_judge(cfg: EvalConfig, kind: str, api_key: str | None):
+def _make_judge(cfg: EvalConfig, kind: str, api_key: str | None, date: str):
     if kind == "served":
         return ServedJudge(cfg.judge_url, cfg.judge_model, api_key=api_key, key_source=cfg.judge_api_key_env,
                            retries=cfg.judge_retries, concurrency=cfg.judge_concurrency, timeout_s=cfg.judge_timeout,
@@ -180,10 +180,10 @@ def _make_judge(cfg: EvalConfig, kind: str, api_key: str | None):
     if kind == "answer":
         return _AnswerJudge()
     if kind == "reward":
-        return RewardJudge(cfg.judge, device=cfg.device, dtype=cfg.dtype, date=cfg.template_date)
+        return RewardJudge(cfg.judge, device=cfg.device, dtype=cfg.dtype, date=date)
     return LocalJudge(cfg.judge, retries=cfg.judge_retries, max_new_tokens=cfg.judge_max_new_tokens,
                       backend=_backend(cfg), dtype=cfg.dtype, engine=_engine(cfg), seed=cfg.seed,
-                      trust_remote_code=cfg.trust_remote_code, date=cfg.template_date)
+                      trust_remote_code=cfg.trust_remote_code, date=date)
 
 
 class _AnswerJudge:
