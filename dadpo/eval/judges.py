@@ -74,7 +74,9 @@ class ServedJudge:
             raise DadpoError(f"--judge-concurrency {concurrency}: must be at least 1")
         self.http = _Http(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, where="--judge-url",
                           api_key=api_key, key_source=key_source)
-        self.http.url = self.http.url  # normalised (no /v1)
+        # the probe tries twice, quickly: an unreachable judge is found before any response is generated
+        self._probe_http = _Http(url, timeout_s=min(timeout_s, 30.0), retries=1, backoff_s=backoff_s,
+                                 where="--judge-url", api_key=api_key, key_source=key_source)
         self.model, self.retries, self.concurrency = model, retries, concurrency
         self.max_new_tokens, self.seed = max_new_tokens, seed
 
@@ -86,15 +88,12 @@ class ServedJudge:
         """Fail early, before any response is generated, when the server cannot be reached or refuses the key."""
         from dadpo.scoring.server import _Refused
 
-        probe = replace_http(self.http, retries=1)
         try:
-            probe.call("/v1/models")
+            self._probe_http.call("/v1/models")
         except _Refused as exc:
             if exc.status in (401, 403):
                 raise self._key_refused(exc) from None
-            # a server without /v1/models (some proxies): the judging requests tell
-        except DadpoError as exc:
-            raise DadpoError(f"{exc}".replace("failed after", "unreachable after", 1)) from None
+            # a server without /v1/models (some proxies): the judging requests will tell
 
     def _key_refused(self, exc) -> DadpoError:
         source = f"the key in ${self.http.key_source}" if self.http.key_source else "no API key"
@@ -176,15 +175,6 @@ class ServedJudge:
 
 class _Halted(Exception):
     """A worker gave up because the run is ending anyway."""
-
-
-def replace_http(http, **changes):
-    from dadpo.scoring.server import _Http
-
-    copy = _Http.__new__(_Http)
-    copy.__dict__.update(http.__dict__)
-    copy.__dict__.update(changes)
-    return copy
 
 
 def _reply_text(answer, http) -> str:

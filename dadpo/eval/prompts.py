@@ -34,14 +34,16 @@ class EvalPrompts:
         return len(self.ids)
 
     def question(self, index: int) -> str:
-        """The prompt as the judge reads it: the last user turn (earlier turns, if any, before it)."""
+        """The prompt as the judge reads it: one turn's text as it is; several turns as 'role: text' paragraphs."""
         return prompt_text(self.prompts[index])
 
 
 def prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
-    return "\n\n".join(f"{m['role']}: {m['content']}" if len(prompt) > 1 else str(m["content"]) for m in prompt)
+    if len(prompt) == 1:
+        return str(prompt[0]["content"])
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 def load_eval_prompts(path: str, scratch: Path | None = None) -> EvalPrompts:
