@@ -184,3 +184,37 @@ def test_vllm_generated_responses_match_a_greedy_decode(vllm_ready, models, prom
     assert same >= len(QUESTIONS) - 1  # fp32 on CPU: greedy paths agree unless two logits tie within rounding
     again = run_cli(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert again.returncode == 0 and "generating" not in again.stdout, again.stdout
+
+
+def test_a_reward_model_judge(tmp_path):
+    """--judge REWARD_MODEL: per prompt sigma(r_model - r_baseline) from the rewards of each (prompt,
+    response), here recomputed with the reward model directly; no position terms."""
+    import dadpo.tiny
+
+    build = getattr(dadpo.tiny, "build_tiny_reward_model", None)
+    if build is None:
+        pytest.skip("dadpo.tiny has no tiny reward model builder in this tree")
+    from dadpo.eval.reward import RewardModel
+
+    judge = build(tmp_path / "rm", family="teacher", seed=4)
+    ids = ["a", "b", "c"]
+    questions = {i: f"Question {i}" for i in ids}
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prompt": questions[i]} for i in ids])
+    base = {i: f"base answer {i}" for i in ids}
+    cand = {i: f"a longer candidate answer {i}" for i in ids}
+    base_file = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "response": base[i]} for i in ids])
+    cand_file = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "response": cand[i]} for i in ids])
+    summary = evaluate(EvalConfig(prompts=str(prompts), baseline=f"base={base_file}", model=[f"c={cand_file}"],
+                                  judge=str(judge), device="cpu", dtype="float32", bootstrap=20,
+                                  out=str(tmp_path / "eval"), progress=False), say=lambda x: None)
+    model = RewardModel(str(judge), device="cpu", dtype="float32")
+    r_c = model.rewards([questions[i] for i in ids], [cand[i] for i in ids])
+    r_b = model.rewards([questions[i] for i in ids], [base[i] for i in ids])
+    model.close()
+    expected = 1 / (1 + np.exp(-(r_c - r_b)))
+    got = summary["models"]["c"]
+    assert got["win_rate"] == pytest.approx(expected.mean(), rel=1e-6)
+    assert got["win"] == int((expected > 0.5).sum()) and got["loss"] == int((expected < 0.5).sum())
+    assert got["position_consistency"] is None and summary["judge"]["kind"] == "reward"
+    table = pl.read_parquet(tmp_path / "eval" / "judgments.parquet")
+    assert set(table["order"]) == {"reward"} and table.height == 6
