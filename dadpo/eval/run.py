@@ -277,7 +277,7 @@ def _judge(plan: _Plan, judge, sets: dict, store: JudgmentStore, say) -> None:
                  if not store.done((row_id, name, "reward"))]
         if items:
             say(f"judging: {len(items)} rewards to compute")
-        judge.run(items, store.append)
+        judge.run(items, _keeping(store, len(items), say if plan.cfg.progress else None))
         return
     from dadpo.eval.verdicts import render_judge_prompt
 
@@ -295,7 +295,23 @@ def _judge(plan: _Plan, judge, sets: dict, store: JudgmentStore, say) -> None:
                 requests.append(JudgeRequest(key, render_judge_prompt(plan.template, question, a, b)))
     if requests:
         say(f"judging: {len(requests)} judgments to make ({len(store.rows)} kept from earlier)")
-    judge.run(requests, store.append)
+    judge.run(requests, _keeping(store, len(requests), say if plan.cfg.progress else None))
+
+
+def _keeping(store: JudgmentStore, total: int, say, every_s: float = 30.0):
+    """store.append, and a progress line at most every `every_s` seconds (logs stay readable)."""
+    state = {"done": 0, "started": time.monotonic(), "last": time.monotonic()}
+
+    def keep(rows: list[dict]) -> None:
+        store.append(rows)
+        state["done"] += len(rows)
+        now = time.monotonic()
+        if say is not None and now - state["last"] >= every_s:
+            state["last"] = now
+            rate = state["done"] / max(now - state["started"], 1e-9)
+            say(f"judging: {state['done']}/{total} done, {rate:.1f} judgments/s")
+
+    return keep
 
 
 def _answer_row(key, response: str, answer: str) -> dict:
