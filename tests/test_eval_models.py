@@ -174,10 +174,11 @@ def test_vllm_generated_responses_match_a_greedy_decode(vllm_ready, models, prom
     from support import run_cli
 
     out = tmp_path / "eval"
-    args = ["eval", "--prompts", prompts, "--baseline", f"teacher={models['teacher']}", "--model",
-            f"student={models['student']}", "--judge", "answer", "--backend", "vllm", "--dtype", "float32",
-            "--max-new-tokens", MAX_NEW, "--bootstrap", "20", "--out", out]
-    result = run_cli(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    base = write_jsonl(tmp_path / "b.jsonl", [{"id": f"q{i}", "response": "0"} for i in range(len(QUESTIONS))])
+    args = ["eval", "--prompts", prompts, "--baseline", f"b={base}", "--model", f"teacher={models['teacher']}",
+            "--judge", "answer", "--backend", "vllm", "--dtype", "float32", "--max-new-tokens", MAX_NEW,
+            "--bootstrap", "20", "--out", out]
+    result = run_cli(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     stored = pl.read_parquet(out / "responses" / "teacher.parquet")
     same = sum(stored["token_ids"][i].to_list() == _greedy(models["teacher"], q)[0] for i, q in enumerate(QUESTIONS))
