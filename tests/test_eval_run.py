@@ -218,3 +218,10 @@ def test_bad_inputs_are_one_line(files, tmp_path):
     for path in files["out"].rglob("*"):  # the key is never written
         assert not path.is_file() or b"sekrit-key" not in path.read_bytes(), path
     assert "sekrit-key" not in good.stdout + good.stderr
+
+
+def test_the_judge_url_in_the_summary_carries_no_credentials():
+    from dadpo.eval.judges import public_url
+
+    assert public_url("https://user:s3cret@judge.example:8443/v1?key=abc") == "https://judge.example:8443/v1"
+    assert public_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
