@@ -7,6 +7,7 @@ polars, so `dadpo --help` and flag errors answer at once.
     VerifyConfig        dadpo verify-cache      (the generic training flags: dadpo.training.config.LoopConfig;
                                                  how engines run: dadpo.engine.EngineOptions)
     EvalConfig          dadpo eval
+    ShowTokensConfig    dadpo show-tokens
 """
 
 from __future__ import annotations
@@ -231,3 +232,24 @@ class EvalConfig:
     overwrite: bool = option(False, "Start over: delete this eval's responses, judgments and summary in --out.")
     trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
     progress: bool = option(True, "Progress lines.", cli=False)
+COLOR_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class ShowTokensConfig:
+    model: str = option(REQUIRED, "Model whose tokenization to show: HF hub id or local folder (only its tokenizer "
+                        "is read).")
+    pairs: str = option(REQUIRED, "Pairs file (as for cache-teacher).")
+    row: int | None = option(None, "The pair at this 0-based row of the pairs file.", default_text="the first pair")
+    pair_id: str | None = option(None, "The pair with this id (instead of --row).", flag="id")
+    pairs_split: str | None = option(None, "Split of a Hub dataset id or a folder of data files given as --pairs.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
+    prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by the chat template; raw: "
+                                "string prompts are already-formatted text (TRL's meaning).", choices=PROMPT_FORMATS)
+    template_kwargs: str | None = option(None, "Chat-template variables as JSON, e.g. '{\"enable_thinking\": false}'.")
+    template_date: str | None = option(None, "Date (YYYY-MM-DD) for templates that write today's date.",
+                                       default_text="today")
+    no_chat_template: bool = option(False, "Plain mode: ignore the model's chat template.")
+    trust_remote_code: bool = option(False, "Allow tokenizer code from the model folder/hub to run.")
+    color: str = option("auto", "auto: colours in a terminal, plain text in a pipe or file; always; never.",
+                        choices=COLOR_MODES)

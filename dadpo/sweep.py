@@ -26,6 +26,7 @@ from dadpo import stop
 from dadpo.atomic import write_atomic
 from dadpo.cache import open_cache
 from dadpo.errors import DadpoError
+from dadpo.heatmap import beta_axes, beta_figure, draw_beta_heatmap, save_png
 from dadpo.config import TrainConfig
 from dadpo.recipes.dadpo import cache_fingerprint, policy_start, teacher_weights, train
 from dadpo.training.config import run_differences
@@ -166,33 +167,15 @@ def summary_markdown(rows: list[dict]) -> str:
 def plot_grid(rows: list[dict], path: Path) -> None:
     """Heatmaps over (beta1, beta2): eval loss, reward accuracy and margin (final train values
     where a run has no eval split)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    beta1s = sorted({r["beta1"] for r in rows})
-    beta2s = sorted({r["beta2"] for r in rows})
+    beta1s, beta2s = beta_axes([(r["beta1"], r["beta2"]) for r in rows])
     use_eval = any(r.get("eval_loss") is not None for r in rows)
     panels = METRICS if use_eval else [("final_loss", "final train loss"),
                                        ("final_reward_accuracy", "final train reward accuracy"),
                                        ("final_margin", "final train margin")]
-    figure = Figure(figsize=(4.2 * len(panels), 0.6 * len(beta1s) + 2.6), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = beta_figure(len(panels), len(beta1s))
     for index, (key, title) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), index + 1)
-        grid = [[math.nan] * len(beta2s) for _ in beta1s]
-        for row in rows:
-            if row.get(key) is not None:
-                grid[beta1s.index(row["beta1"])][beta2s.index(row["beta2"])] = row[key]
-        image = axes.imshow(grid, cmap="viridis_r" if key.endswith("loss") else "viridis", aspect="auto")
-        figure.colorbar(image, ax=axes, shrink=0.8)
-        for i, row_values in enumerate(grid):
-            for j, value in enumerate(row_values):
-                axes.text(j, i, "-" if math.isnan(value) else f"{value:.3g}", ha="center", va="center",
-                          fontsize=9, bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
-        axes.set_xticks(range(len(beta2s)), [f"{b:g}" for b in beta2s])
-        axes.set_yticks(range(len(beta1s)), [f"{b:g}" for b in beta1s])
-        axes.set_xlabel("beta2 (teacher)")
-        axes.set_ylabel("beta1 (reference)")
-        axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, format="png")  # (the caller writes through dadpo.atomic)
+        points = {(row["beta1"], row["beta2"]): row.get(key) for row in rows}
+        draw_beta_heatmap(figure, axes, points, title, cmap="viridis_r" if key.endswith("loss") else "viridis",
+                          beta1s=beta1s, beta2s=beta2s)
+    save_png(figure, path)  # (the caller writes through dadpo.atomic)

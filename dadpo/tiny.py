@@ -3,7 +3,9 @@
 No model can be downloaded in tests, the demo or benchmarks, so these helpers build small
 HF causal LMs locally. The two families deliberately differ in architecture (Llama vs
 Qwen3), tokenizer (byte-level BPE vs Metaspace BPE with byte fallback), BOS handling and
-chat template, so cross-tokenizer code paths get exercised.
+chat template, so cross-tokenizer code paths get exercised. A third family, "unlisted_end", is a
+base model given a chat template whose end-of-turn token is special but listed nowhere but
+added_tokens_decoder (as Llama 3.1 base's <|eot_id|>, Phi's <|end|>).
 """
 
 from __future__ import annotations
@@ -38,6 +40,19 @@ STUDENT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|> ' -}}{%- endif -%}"
 )
+
+# A base model given a chat template (Phi-3 style): every message ends with <|end|>, a token its
+# tokenizer marks special in added_tokens_decoder but lists in no special-token list (so not in
+# all_special_ids), while eos stays the base model's <|endoftext|>. The model emits <|end|>, not eos,
+# after an answer.
+UNLISTED_END = "<|end|>"
+UNLISTED_END_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+FAMILIES = ("teacher", "student", "unlisted_end")
 
 # Test templates that reproduce what real chat templates do (ChatML markers, so the tiny teacher
 # tokenizer's special tokens apply; <think> and </think> are added, non-special tokens as in Qwen3
@@ -199,17 +214,30 @@ def _train_student_tokenizer():
                  "extra_special_tokens": chat}
 
 
+def _train_unlisted_end_tokenizer():
+    from tokenizers import AddedToken
+
+    tok, _ = _train_teacher_tokenizer()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ("<|system|>", "<|user|>", "<|assistant|>", UNLISTED_END)])
+    # no extra_special_tokens: the chat tokens are special only in added_tokens_decoder
+    return tok, {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+
+
 def _build_tokenizer(family: str, model_max_length: int, template: str | None = None):
     from transformers import PreTrainedTokenizerFast
 
-    backend, special = _train_teacher_tokenizer() if family == "teacher" else _train_student_tokenizer()
+    train = {"teacher": _train_teacher_tokenizer, "student": _train_student_tokenizer,
+             "unlisted_end": _train_unlisted_end_tokenizer}[family]
+    backend, special = train()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,  # keep decode an exact inverse of encode
         **special,
     )
-    default = TEACHER_CHAT_TEMPLATE if family == "teacher" else STUDENT_CHAT_TEMPLATE
+    default = {"teacher": TEACHER_CHAT_TEMPLATE, "student": STUDENT_CHAT_TEMPLATE,
+               "unlisted_end": UNLISTED_END_CHAT_TEMPLATE}[family]
     tok.chat_template = TEMPLATES[template] if template else default
     return tok
 
@@ -217,7 +245,8 @@ def _build_tokenizer(family: str, model_max_length: int, template: str | None = 
 def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 128, num_layers: int = 2,
                      num_heads: int = 2, intermediate_size: int = 256,
                      max_position_embeddings: int = 512, template: str | None = None) -> pathlib.Path:
-    """Write a random-init causal LM + tokenizer for `family` ("teacher" or "student") to `out_dir`.
+    """Write a random-init causal LM + tokenizer for `family` ("teacher", "student" or "unlisted_end",
+    a Llama whose random weights end a response with <|end|> after ~5 tokens) to `out_dir`.
 
     template: a TEMPLATES name (they use the teacher family's ChatML tokens), else the family's own.
     vLLM's CPU backend needs head_dim 64, i.e. hidden_size / num_heads == 64 (the defaults).
@@ -225,8 +254,8 @@ def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen3Config
 
-    if family not in ("teacher", "student"):
-        raise ValueError(f"family must be 'teacher' or 'student', got {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     out = pathlib.Path(out_dir)
@@ -241,7 +270,7 @@ def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 
         head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings,
         dtype="float32", **ids,
     )
-    if family == "teacher":
+    if family in ("teacher", "unlisted_end"):
         config = LlamaConfig(tie_word_embeddings=False, **common)
         config.architectures = ["LlamaForCausalLM"]
     else:
@@ -252,12 +281,30 @@ def build_tiny_model(out_dir, *, family: str, seed: int = 0, hidden_size: int = 
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == "unlisted_end":
+        _end_after_a_few_tokens(model, tok.convert_tokens_to_ids(UNLISTED_END))
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / _MARKER).write_text(json.dumps(_build_args(family, seed, hidden_size, num_layers, num_heads,
                                                       intermediate_size, max_position_embeddings, template), indent=2))
     return out
+
+
+def _end_after_a_few_tokens(model, token_id: int) -> None:
+    """Give a random Llama an output bias towards `token_id` (p ~ 0.2 per step at temperature 1, so
+    sampled responses end after ~5 tokens). Llama's head has no bias, so make one: hidden dimension 0
+    holds the same value in every token's embedding and no layer writes it, so after the final norm it
+    is a near-constant input that only `token_id`'s output row reads."""
+    import torch
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 0.05
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0
+            layer.mlp.down_proj.weight[0, :] = 0
+        model.lm_head.weight[:, 0] = 0
+        model.lm_head.weight[token_id, 0] = 4.0
 
 
 def _build_args(family, seed, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings,

@@ -15,7 +15,8 @@ For one model (tokenizer, chat template, template variables, pinned date):
                                                            cut at the length limit)
               end_of_turn = the template's own text after an assistant message, up to and
               including the first token at which generation stops (eos, the generation config's
-              eos ids, or the special token the template puts after a message); eos without a
+              eos ids, or the special token the template puts after a message: special as
+              added_tokens_decoder marks it, listed in all_special_ids or not); eos without a
               template. The response text never passes through the template (no trim, no
               reasoning stripping): it is scored as written.
     overlap   a response that starts with what the generation prompt already ends with (a tail
@@ -63,6 +64,14 @@ def pair_responses(row: dict) -> tuple[Response, Response]:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Every id the tokenizer treats as special: those `added_tokens_decoder` marks special, whatever
+    list (if any) names them, and `all_special_ids`. A base model given a chat template often has its
+    end-of-turn token (Llama 3's `<|eot_id|>`, Phi's `<|end|>`) special there but listed nowhere else."""
+    marked = {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    return marked | set(tokenizer.all_special_ids)
 
 
 def pinned_clock(date: str):
@@ -233,7 +242,7 @@ class ModelTokenizer:
             ids.add(self.tokenizer.eos_token_id)
         if self.chat:
             after = self._after_assistant_message()
-            if after and after[0] in set(self.tokenizer.all_special_ids):
+            if after and after[0] in special_ids(self.tokenizer):
                 ids.add(after[0])
         if not ids:
             raise DadpoError(f"{self.name}: the tokenizer has no eos token and its chat template no end-of-turn "

@@ -6,6 +6,8 @@ student_b same tokenizer as student, other weights: a policy start that differs 
 templated teacher-family models whose chat templates reproduce real ones (dadpo.tiny.TEMPLATES):
           think (R1 distills), thinking_switch (Qwen3), trim_date (Llama 3.2), strict_roles (Gemma 2),
           effort (gpt-oss)
+unlisted_end  a base Llama given a Phi-3-style template: its <|end|> is special only in
+          added_tokens_decoder (not in all_special_ids), eos is <|endoftext|>; it samples <|end|> soon
 
 vLLM tests carry the `vllm` marker and the `vllm_ready` fixture: they skip where vllm does not
 import, except under CI (the CI environment variable set), where such a skip fails the run.
@@ -76,6 +78,31 @@ def tokenized_pairs(models, pairs_file) -> dict[str, list[tuple[list[int], list[
         rule = model_tokenizer(resolve_model(str(models[name])), f"--{name}")
         result[name] = [rule.encode_pair(decode_prompt(row["prompt"]), *pair_responses(row), row["id"]) for row in rows]
     return result
+
+
+@pytest.fixture(scope="session")
+def unlisted_end(tmp_path_factory) -> Path:
+    """The tiny "unlisted_end" model (dadpo.tiny): the template writes <|end|> after every message, a
+    token special in added_tokens_decoder but in no special-token list; eos is <|endoftext|>."""
+    return build_tiny_model(tmp_path_factory.mktemp("unlisted_end") / "model", family="unlisted_end", seed=4)
+
+
+@pytest.fixture(scope="session")
+def unlisted_end_pairs(tmp_path_factory) -> Path:
+    """12 mixed-style text pairs (no sampled ids) for the unlisted_end model."""
+    return write_jsonl(tmp_path_factory.mktemp("unlisted_end_pairs") / "pairs.jsonl", make_tiny_pairs(12, seed=11))
+
+
+@pytest.fixture(scope="session")
+def unlisted_end_cache(tmp_path_factory, models, unlisted_end, unlisted_end_pairs) -> Path:
+    """A cache (hf backend, fp32) of unlisted_end_pairs: teacher = the tiny teacher, reference = the
+    unlisted_end model. Tests read it and never change it."""
+    out = tmp_path_factory.mktemp("unlisted_end_cache") / "cache"
+    result = run_cli("cache-teacher", "--pairs", unlisted_end_pairs, "--teacher", models["teacher"], "--reference",
+                     unlisted_end, "--out", out, "--backend", "hf", "--dtype", "float32", "--shard-size", "8",
+                     "--quiet", env=ENV)
+    assert result.returncode == 0, result.stderr
+    return out
 
 
 @pytest.fixture(scope="module")

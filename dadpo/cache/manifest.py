@@ -34,7 +34,11 @@ MODEL_GUARDED = [
     ("model", "model"), ("revision", "revision"), ("weights_digest", "weights digest"),
     ("tokenizer_digest", "tokenizer, chat template, template variables or date"),
     ("chat_template", "chat-template mode"), ("template_kwargs", "template variables"),
-    ("template_date", "template date"), ("dtype", "dtype"), ("backend", "backend"),
+    ("template_date", "template date"),
+    # the ids a response ends with: the digest covers what decides them, but not an older dadpo that
+    # derived them otherwise (before special_ids, an unlisted special end-of-turn token was missed)
+    ("end_of_turn", "end-of-turn tokens"), ("stop_ids", "stop tokens"),
+    ("dtype", "dtype"), ("backend", "backend"),
     ("backend_version", "backend version"), ("fp32_head", "fp32 head"), ("server", "server"),
 ]
 
