@@ -112,10 +112,14 @@ def main() -> None:
                     raise SystemExit("the loopback judge did not start")
                 time.sleep(0.05)
             inputs = write_inputs(folder, args.prompts)
-            make = lambda out: EvalConfig(prompts=inputs["prompts"], baseline=f"base={inputs['baseline']}",
-                             model=[f"model={inputs['model']}"], judge_url=f"http://127.0.0.1:{port_file.read_text()}/v1",
-                             judge_model="loopback", judge_concurrency=args.concurrency, bootstrap=100,
-                             out=str(folder / out), progress=False)
+            url = f"http://127.0.0.1:{port_file.read_text()}/v1"
+
+            def make(out: str) -> EvalConfig:
+                return EvalConfig(prompts=inputs["prompts"], baseline=f"base={inputs['baseline']}",
+                                  model=[f"model={inputs['model']}"], judge_url=url, judge_model="loopback",
+                                  judge_concurrency=args.concurrency, bootstrap=100, out=str(folder / out),
+                                  progress=False)
+
             timed_run(make("warm-up"))  # imports, the template's compilation: paid once per process
             cfg = make("eval")
             first_wall, first_cpu = timed_run(cfg)

@@ -207,7 +207,8 @@ def test_bad_inputs_are_one_line(files, tmp_path):
             (args(), {"JUDGE_KEY": ""}, ["--judge-api-key-env JUDGE_KEY", "not set"]),
             (_eval_args(files, judge), env, ["--judge-url", "401", "--judge-api-key-env"]),
             ([*_eval_args(files, judge)[:9], "--judge-url", f"http://127.0.0.1:{free_port()}/v1", "--judge-model", "m",
-              "--judge-retries", "1", "--out", files["out"]], env, ["--judge-url", "GET /v1/models failed", "is the server running"]),
+              "--judge-retries", "1", "--out", files["out"]], env,
+             ["--judge-url", "GET /v1/models failed", "is the server running"]),
         ]
         for command, extra_env, fragments in cases:
             result = run_cli(*command, env=extra_env)

@@ -106,8 +106,8 @@ def model_specs(baseline: str, models: list[str]) -> tuple[ModelSpec, list[Model
     seen = {base.name: base.flag}
     for spec in specs:
         if spec.name in seen:
-            raise DadpoError(f"{spec.flag} {spec.source}: the name {spec.name!r} is taken (by another {seen[spec.name]});"
-                             " name it with NAME=X")
+            raise DadpoError(f"{spec.flag} {spec.source}: the name {spec.name!r} is taken (by another "
+                             f"{seen[spec.name]}); name it with NAME=X")
         seen[spec.name] = spec.flag
     return base, specs
 

@@ -36,7 +36,8 @@ def outcomes(prompt_ids: list[str], name: str, baseline: str, kind: str,
         from dadpo.eval.reward import reward_outcome
 
         for i, row_id in enumerate(prompt_ids):
-            scores[i] = reward_outcome(rows[(row_id, name, "reward")]["score"], rows[(row_id, baseline, "reward")]["score"])
+            scores[i] = reward_outcome(rows[(row_id, name, "reward")]["score"],
+                                       rows[(row_id, baseline, "reward")]["score"])
         return scores, None
     for i, row_id in enumerate(prompt_ids):
         c, b = rows[(row_id, name, "answer")]["score"], rows[(row_id, baseline, "answer")]["score"]
