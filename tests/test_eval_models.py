@@ -27,6 +27,26 @@ def prompts(tmp_path):
                                                     for i, q in enumerate(QUESTIONS)])
 
 
+def _stop_ids(model_dir, tokenizer) -> set[int]:
+    """Where a response ends, read from the model's own files: the eos ids of the tokenizer and of the
+    generation config, and the chat template's end-of-turn token (the special token right after an
+    assistant message)."""
+    from transformers import GenerationConfig
+
+    stops = {tokenizer.eos_token_id} - {None}
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        stops |= set(eos if isinstance(eos, list) else [eos]) - {None}
+    except OSError:
+        pass
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "MARKER"}], tokenize=False)
+    after = tokenizer(rendered.split("MARKER", 1)[1], add_special_tokens=False)["input_ids"]
+    if after and after[0] in tokenizer.all_special_ids:
+        stops.add(after[0])
+    return stops
+
+
 def _greedy(model_dir, prompt: str) -> tuple[list[int], str]:
     """An independent greedy decode: the chat template rendered by transformers, argmax per step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -36,7 +56,7 @@ def _greedy(model_dir, prompt: str) -> tuple[list[int], str]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([t for t in tokenizer.all_special_tokens])}
+    eos = _stop_ids(model_dir, tokenizer)
     out = []
     with torch.no_grad():
         for _ in range(MAX_NEW):
