@@ -239,3 +239,29 @@ def test_a_reward_model_judge(tmp_path):
     assert got["position_consistency"] is None and summary["judge"]["kind"] == "reward"
     table = pl.read_parquet(tmp_path / "eval" / "judgments.parquet")
     assert set(table["order"]) == {"reward"} and table.height == 6
+
+
+@pytest.mark.vllm
+def test_a_local_judge_on_vllm(vllm_ready, models, tmp_path):
+    """--judge PATH --backend vllm: the judge's engine in the eval's process, greedy replies as a plain decode's."""
+    from dadpo.eval.verdicts import load_judge_template, render_judge_prompt
+    from support import run_cli
+
+    ids = ["a", "b"]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prompt": f"Question {i}"} for i in ids])
+    base = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "response": f"base {i}"} for i in ids])
+    cand = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "response": f"cand {i}"} for i in ids])
+    out = tmp_path / "eval"
+    result = run_cli("eval", "--prompts", prompts, "--baseline", f"base={base}", "--model", f"c={cand}", "--judge",
+                     models["teacher"], "--backend", "vllm", "--dtype", "float32", "--judge-retries", "0",
+                     "--judge-max-new-tokens", MAX_NEW, "--bootstrap", "20", "--out", out,
+                     env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pl.read_parquet(out / "judgments.parquet")
+    template = load_judge_template(None)
+    same = 0
+    for r in table.iter_rows(named=True):
+        a, b = (f"cand {r['id']}", f"base {r['id']}") if r["order"] == "AB" else (f"base {r['id']}", f"cand {r['id']}")
+        same += r["reply"] == _greedy(models["teacher"], render_judge_prompt(template, f"Question {r['id']}", a, b))[1]
+    assert table.height == 4 and same >= 3  # fp32 on CPU: greedy paths agree unless two logits tie within rounding
+    assert json.loads((out / "summary.json").read_text())["models"]["c"]["parse_failures"] == 2
