@@ -265,3 +265,35 @@ def test_a_local_judge_on_vllm(vllm_ready, models, tmp_path):
         same += r["reply"] == _greedy(models["teacher"], render_judge_prompt(template, f"Question {r['id']}", a, b))[1]
     assert table.height == 4 and same >= 3  # fp32 on CPU: greedy paths agree unless two logits tie within rounding
     assert json.loads((out / "summary.json").read_text())["models"]["c"]["parse_failures"] == 2
+
+
+def test_lm_eval_on_every_model_against_the_baseline(models, prompts, tmp_path, datasets_cache):
+    """--lm-eval-tasks on a local YAML task: each model's metric (as lm-eval gives it for that model alone),
+    the baseline's, the difference; kept in EVAL/lm_eval/ so a re-run does not compute it again."""
+    pytest.importorskip("lm_eval")
+    from dadpo.eval.harness import run_lm_eval
+
+    rows = [{"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1)], "label": k % 2}
+            for k, (a, b) in enumerate([(1, 2), (3, 4), (2, 2), (5, 1)])]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_jsonl(tasks / "mc.jsonl", rows)
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: dadpo_eval_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tasks / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    cfg = _config(prompts, tmp_path / "eval", f"student={models['student']}", baseline=f"teacher={models['teacher']}",
+                  lm_eval_tasks="dadpo_eval_tiny_mc", lm_eval_include=str(tasks))
+    summary = evaluate(cfg, say=lambda x: None)
+    got = summary["models"]["student"]["lm_eval"]["dadpo_eval_tiny_mc"]
+    alone = {name: run_lm_eval(str(models[name]), ["dadpo_eval_tiny_mc"], limit=None, fewshot=None,
+                               include_path=str(tasks), dtype="float32")["dadpo_eval_tiny_mc"]
+             for name in ("student", "teacher")}
+    assert got["value"] == pytest.approx(alone["student"]["value"])
+    assert got["baseline_value"] == pytest.approx(alone["teacher"]["value"])
+    assert got["difference"] == pytest.approx(alone["student"]["value"] - alone["teacher"]["value"])
+    assert summary["baseline_lm_eval"]["dadpo_eval_tiny_mc"]["value"] == pytest.approx(alone["teacher"]["value"])
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "eval" / "lm_eval").iterdir()}
+    assert evaluate(cfg, say=lambda x: None)["models"]["student"]["lm_eval"] == summary["models"]["student"]["lm_eval"]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "eval" / "lm_eval").iterdir()} == kept
