@@ -84,13 +84,16 @@ def cli():
       dadpo train          daDPO on the student from the cache (only the student is loaded)
       dadpo sweep          a (beta1, beta2) grid from one cache;  dadpo report: curves to PNG
       dadpo verify-cache   drift of the cached numbers against the trainer's forward pass
+      dadpo eval           did the student get better? judged win rates against the teacher
       dadpo show-tokens    what a model will score for one pair: prompt, response tokens, end of turn
     Try `dadpo demo` for the whole pipeline on tiny local models.
     """
 
 
 # Each module registers its subcommand(s) on `cli`.
-from dadpo.cli import cache_teacher, demo, generate, inspect, report, sft, show_tokens, sweep, train, verify  # noqa: E402,F401
+from dadpo.cli import (  # noqa: E402,F401
+    cache_teacher, demo, eval, generate, inspect, report, sft, show_tokens, sweep, train, verify,
+)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ polars, so `dadpo --help` and flag errors answer at once.
     TrainConfig         dadpo train, sweep      SftConfig                  dadpo sft
     VerifyConfig        dadpo verify-cache      (the generic training flags: dadpo.training.config.LoopConfig;
                                                  how engines run: dadpo.engine.EngineOptions)
+    EvalConfig          dadpo eval
     ShowTokensConfig    dadpo show-tokens
 """
 
@@ -189,6 +190,55 @@ class VerifyConfig:
     trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
 
 
+@dataclass
+class EvalConfig:
+    """`dadpo eval`: each model's responses against a baseline's, judged in both orders."""
+
+    prompts: str = option(REQUIRED, "Held-out prompts: .jsonl, .json or .parquet with `prompt` (a string = one user "
+                          "turn, or a list of {role, content} messages) [, id] [, answer] [, category].")
+    baseline: str = option(REQUIRED, "What every model is compared with, NAME=X: X a model (hub id or folder; its "
+                           "responses are generated) or a responses file (.jsonl/.parquet with id, response).",
+                           metavar="NAME=X")
+    out: str = option(REQUIRED, "Eval folder to create or continue (responses, judgments, summary).")
+    model: list = option(help="A model to evaluate, [NAME=]X: a model, a responses file, or a `dadpo sweep` folder "
+                         "(one model per finished point, named after it). Repeatable.", factory=list,
+                         metavar="[NAME=]X")
+    judge_url: str | None = option(None, "An OpenAI-compatible server (/v1/chat/completions) that judges: vLLM, "
+                                   "SGLang, a hosted API.")
+    judge_model: str | None = option(None, "The model name the --judge-url server serves.")
+    judge_api_key_env: str | None = option(None, "Environment variable holding the --judge-url API key (never "
+                                           "written or printed).", metavar="VAR")
+    judge: str | None = option(None, "A local judge instead: a causal LM (hub id or folder, run in-process), a "
+                               "reward model (a ...ForSequenceClassification: P(win) = sigma(r_c - r_b)), or "
+                               "'answer' (final-answer match with the prompts' `answer` column).",
+                               metavar="PATH|answer")
+    judge_template: str | None = option(None, "Jinja judge prompt with question, answer_a, answer_b, asking for a "
+                                        "final [[A]], [[B]] or [[C]] (tie).", default_text="judge_prompt.v1.jinja")
+    judge_retries: int = option(3, "Re-asks (at temperature 0.7) of a judge reply without a verdict, and tries of "
+                                "a failed request; after them the prompt is a parse failure (never a loss).")
+    judge_concurrency: int = option(16, "Requests in flight to --judge-url.")
+    judge_timeout: float = option(300.0, "Seconds before a --judge-url request is retried.")
+    judge_max_new_tokens: int = option(1024, "Longest judge reply, in tokens.")
+    bootstrap: int = option(1000, "Bootstrap resamples of the prompts for the 95% interval.")
+    seed: int = option(0, "Seed of the bootstrap, of sampled responses and of the judge's re-asks.")
+    lm_eval_tasks: str | None = option(None, "lm-evaluation-harness tasks run on every model and the baseline, "
+                                       "comma-separated (e.g. gsm8k,arc_easy); needs dadpo[eval].")
+    lm_eval_limit: int | None = option(None, "Examples per lm-eval task.", default_text="all")
+    lm_eval_fewshot: int | None = option(None, "Few-shot examples per lm-eval task.", default_text="the task's")
+    lm_eval_include: str | None = option(None, "Folder of lm-eval task YAML files (local tasks).")
+    backend: str = option("auto", "Generation backend: auto (vllm when installed, else hf), hf or vllm.")
+    device: str | None = option(None, "hf: device.", default_text="cuda if available, else cpu")
+    dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
+    batch_size: int = option(8, "hf: prompts per model.generate call.")
+    max_new_tokens: int = option(512, "Longest generated response, in tokens.")
+    temperature: float = option(0.0, "Sampling temperature of generated responses; 0 = greedy.")
+    template_date: str | None = option(None, "Date (YYYY-MM-DD) that templates which write today's date render.",
+                                       default_text="the eval's, or today")
+    template_kwargs: list = option(help="Chat-template variables as JSON, [NAME=]JSON (no NAME: every model), e.g. "
+                                   "'dadpo={\"enable_thinking\": false}'.", factory=list, metavar="[NAME=]JSON")
+    overwrite: bool = option(False, "Start over: delete this eval's responses, judgments and summary in --out.")
+    trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
+    progress: bool = option(True, "Progress lines.", cli=False)
 COLOR_MODES = ("auto", "always", "never")
 
 

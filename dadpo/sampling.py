@@ -141,14 +141,28 @@ def sample_responses(model: str, prompts: Sequence[list[dict] | str], sampling: 
     resolved = resolve_model(model)
     tokenizer = model_tokenizer(resolved, "--model", no_chat_template=no_chat_template, template_kwargs=template_kwargs,
                                 template_date=today(), trust_remote_code=trust_remote_code)
-    prompt_ids = [tokenizer.encode_prompt(messages, f"prompt {i}") for i, messages in enumerate(prompts)]
-    sampler = make_sampler(backend, resolved, tokenizer, sampling, "sample", dtype, engine, trust_remote_code)
+    outputs = sample_token_ids(resolved, tokenizer, prompts, [str(i) for i in range(len(prompts))], sampling,
+                               backend, dtype, engine, trust_remote_code)
+    return [decode_response(tokenizer, ids) for ids, _ in outputs]
+
+
+def decode_response(tokenizer: ModelTokenizer, ids: Sequence[int]) -> str:
+    """A sampled response's text: its ids less the stop tokens, without special tokens."""
+    stops = set(tokenizer.stop_ids)
+    return tokenizer.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+
+
+def sample_token_ids(model: ResolvedModel, tokenizer: ModelTokenizer, prompts: Sequence[list[dict] | str],
+                     ids: Sequence[str], sampling: Sampling, backend: str = "hf", dtype: str = "auto",
+                     engine: EngineOptions = EngineOptions(), trust_remote_code: bool = False,
+                     stream: str = "sample", where: str = "prompt") -> list[tuple[list[int], str]]:
+    """(sampled ids, finish reason) per prompt, each prompt rendered by `tokenizer`; the sampler is
+    built for this call and closed after it. Prompt i is named `{where} '{ids[i]}'` in errors."""
+    prompt_ids = [tokenizer.encode_prompt(prompt, f"{where} '{row_id}'") for prompt, row_id in zip(prompts, ids)]
+    sampler = make_sampler(backend, model, tokenizer, sampling, stream, dtype, engine, trust_remote_code)
     try:
-        for i, ids in enumerate(prompt_ids):
-            sampler.check_length(len(ids), f"prompt {i}")
-        outputs = sampler.generate(prompt_ids, [str(i) for i in range(len(prompt_ids))])
+        for row_id, p in zip(ids, prompt_ids):
+            sampler.check_length(len(p), f"{where} '{row_id}'")
+        return sampler.generate(prompt_ids, list(ids))
     finally:
         sampler.close()
-    stops = set(tokenizer.stop_ids)
-    return [tokenizer.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
-            for ids, _ in outputs]

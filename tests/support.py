@@ -347,3 +347,86 @@ def assert_same_steps(got: list[dict], want: list[dict], keys=("loss", "margin",
     for a, b in zip(got, want):
         for key in keys:
             assert abs(a[key] - b[key]) <= tolerance * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])
+
+
+# ---------------------------------------------------------------- a scripted judge server
+
+
+class ScriptedJudge:
+    """A real OpenAI-compatible /v1/chat/completions server on loopback whose replies the test
+    writes: reply(prompt_text, payload) -> the reply text. Counts every request it received and the
+    prompts it answered; `die_after=N` closes the server (connections refused) after N answers;
+    `api_key` makes it refuse requests without that bearer token (401)."""
+
+    def __init__(self, reply, *, api_key: str | None = None, die_after: int | None = None, delay_s: float = 0.0):
+        import http.server
+        import threading
+
+        self.reply, self.api_key, self.die_after, self.delay_s = reply, api_key, die_after, delay_s
+        self.received: list[dict] = []  # every chat request's payload
+        self.answered: list[str] = []  # the prompts answered with a 200
+        self.lock = threading.Lock()
+        judge = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, payload: dict) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _authorised(self) -> bool:
+                if judge.api_key and self.headers.get("Authorization") != f"Bearer {judge.api_key}":
+                    self._send(401, {"error": {"message": "invalid API key"}})
+                    return False
+                return True
+
+            def do_GET(self):
+                if self._authorised():
+                    self._send(200, {"object": "list", "data": [{"id": "scripted"}]})
+
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if not self._authorised():
+                    return
+                prompt = payload["messages"][-1]["content"]
+                with judge.lock:
+                    judge.received.append(payload)
+                if judge.delay_s:
+                    time.sleep(judge.delay_s)
+                text = judge.reply(prompt, payload)
+                with judge.lock:
+                    if judge.die_after is not None and len(judge.answered) >= judge.die_after:
+                        self.close_connection = True
+                        return  # dead: no answer (the client sees the connection closed)
+                    judge.answered.append(prompt)
+                    dying = judge.die_after is not None and len(judge.answered) >= judge.die_after
+                self._send(200, {"id": "x", "object": "chat.completion", "model": payload.get("model"),
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}]})
+                if dying:
+                    threading.Thread(target=judge.close, daemon=True).start()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.server.shutdown()
+            self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -127,3 +127,12 @@ def test_bench_train_quick_through_the_gpu_suite(tmp_path):
     assert 0 < bench["tokens_per_step"]["shared"] < bench["tokens_per_step"]["unshared"]
     suite = json.loads((tmp_path / "suite.json").read_text())
     assert suite["results"]["train-0.5b-packed"]["status"] == "ok"
+
+
+def test_bench_judge_quick(tmp_path):
+    """dadpo eval against a loopback judge, quick: the table and sane numbers (speed is not asserted)."""
+    stdout, result = run_bench("bench_judge.py", "--quick", tmp_path=tmp_path)
+    assert result["judgments"] == 200 and result["concurrency"] == 64
+    assert positive(result["first_run_wall_s"]) and positive(result["rerun_wall_s"])
+    assert math.isfinite(result["cpu_ms_per_judgment"]) and result["cpu_ms_per_judgment"] >= 0
+    assert "| 200 | 64 |" in stdout
