@@ -204,7 +204,7 @@ def test_bad_inputs_are_one_line(files, tmp_path):
               "--judge-model", "m", "--out", files["out"]], env, ["--baseline"]),
             (["eval", "--prompts", files["prompts"], "--baseline", f"t={tmp_path / 'nope.jsonl'}", "--model",
               f"c={files['cand']}", "--judge", "answer", "--out", files["out"]], env, ["--baseline", "nope.jsonl"]),
-            (args(), {"JUDGE_KEY": ""}, ["--judge-api-key-env JUDGE_KEY", "not set"]),
+            (args(), {"JUDGE_KEY": ""}, ["--judge-api-key-env JUDGE_KEY", "empty"]),
             (_eval_args(files, judge), env, ["--judge-url", "401", "--judge-api-key-env"]),
             ([*_eval_args(files, judge)[:9], "--judge-url", f"http://127.0.0.1:{free_port()}/v1", "--judge-model", "m",
               "--judge-retries", "1", "--out", files["out"]], env,

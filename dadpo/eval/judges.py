@@ -1,7 +1,7 @@
 """The judges of `dadpo eval`: each turns pending requests into judgment rows (dadpo.eval.store).
 
     ServedJudge   an OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, a hosted API) through
-                  the served-model client (dadpo.scoring.server._Http: timeouts, retries with backoff);
+                  the served-model client (dadpo.scoring.client.Http: timeouts, retries with backoff);
                   requests from a bounded pool of daemon threads, results handed to the caller's thread
     LocalJudge    a causal LM run in-process through dadpo's sampling path (vLLM, else HF), the judge
                   prompt rendered by the judge's own chat template, greedy
@@ -15,7 +15,6 @@ caller can write them before the next ones arrive; a stop signal ends the run af
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ from typing import Callable
 from dadpo import stop
 from dadpo.errors import DadpoError
 from dadpo.eval.verdicts import parse_verdict
+from dadpo.scoring.client import Http, Refused, key_from_env, redact_url
 
 RETRY_TEMPERATURE = 0.7
 _BACKOFF_S = 1.0
@@ -41,25 +41,18 @@ def row(key: tuple[str, str, str], reply: str | None, verdict: str | None, attem
             "attempts": attempts, "score": score}
 
 
-def api_key_from_env(variable: str | None) -> str | None:
-    """The key in $variable; an unset or empty variable is one line (the key itself is never shown)."""
+def api_key_from_env(variable: str | None) -> tuple[str | None, str | None]:
+    """(the key in $variable, "$variable") for --judge-api-key-env; (None, None) without the flag. The
+    served client's rule (dadpo.scoring.client.key_from_env): an unset or empty variable is one line."""
     if variable is None:
-        return None
-    key = os.environ.get(variable, "")
-    if not key.strip():
-        raise DadpoError(f"--judge-api-key-env {variable}: the environment variable is not set (or empty)")
-    return key.strip()
+        return None, None
+    return key_from_env(variable, "--judge-api-key-env")
 
 
 def public_url(url: str) -> str:
-    """The URL without credentials (user:password@) or a query string, for summaries and messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    """The URL as summaries and messages show it: no user:password@ (the served client's redact_url)
+    and no query string (a key may ride in it)."""
+    return redact_url(url).partition("?")[0].partition("#")[0]
 
 
 class ServedJudge:
@@ -68,14 +61,12 @@ class ServedJudge:
     def __init__(self, url: str, model: str, *, api_key: str | None, key_source: str | None, retries: int,
                  concurrency: int, timeout_s: float, max_new_tokens: int, seed: int = 0,
                  backoff_s: float = _BACKOFF_S):
-        from dadpo.scoring.server import _Http
-
         if concurrency < 1:
             raise DadpoError(f"--judge-concurrency {concurrency}: must be at least 1")
-        self.http = _Http(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, where="--judge-url",
+        self.http = Http(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, where="--judge-url",
                           api_key=api_key, key_source=key_source)
         # the probe tries twice, quickly: an unreachable judge is found before any response is generated
-        self._probe_http = _Http(url, timeout_s=min(timeout_s, 30.0), retries=1, backoff_s=backoff_s,
+        self._probe_http = Http(url, timeout_s=min(timeout_s, 30.0), retries=1, backoff_s=backoff_s,
                                  where="--judge-url", api_key=api_key, key_source=key_source)
         self.model, self.retries, self.concurrency = model, retries, concurrency
         self.max_new_tokens, self.seed = max_new_tokens, seed
@@ -86,19 +77,10 @@ class ServedJudge:
 
     def probe(self) -> None:
         """Fail early, before any response is generated, when the server cannot be reached or refuses the key."""
-        from dadpo.scoring.server import _Refused
-
         try:
             self._probe_http.call("/v1/models")
-        except _Refused as exc:
-            if exc.status in (401, 403):
-                raise self._key_refused(exc) from None
-            # a server without /v1/models (some proxies): the judging requests will tell
-
-    def _key_refused(self, exc) -> DadpoError:
-        source = f"the key in ${self.http.key_source}" if self.http.key_source else "no API key"
-        hint = "" if self.http.key_source else " (pass --judge-api-key-env VAR)"
-        return self.http.fail(f"refused {source} ({exc}){hint}")
+        except Refused:
+            pass  # a server without /v1/models (some proxies): the judging requests will tell (401/403 raise above)
 
     def run(self, requests: list[JudgeRequest], on_rows: Callable[[list[dict]], None]) -> None:
         if not requests:
@@ -148,8 +130,6 @@ class ServedJudge:
             halt.set()
 
     def _judge_one(self, request: JudgeRequest, halt: threading.Event) -> dict:
-        from dadpo.scoring.server import _Refused
-
         reply = None
         for attempt in range(1, self.retries + 2):
             payload = {"model": self.model, "messages": [{"role": "user", "content": request.prompt}],
@@ -158,9 +138,7 @@ class ServedJudge:
                 payload["seed"] = _seed(self.seed, request.key, attempt)
             try:
                 answer = self.http.call("/v1/chat/completions", payload, halt)
-            except _Refused as exc:
-                if exc.status in (401, 403):
-                    raise self._key_refused(exc) from None
+            except Refused as exc:
                 raise self.http.fail(f"refused the judge request for id {request.key[0]!r} ({exc})") from None
             except DadpoError as exc:
                 if halt.is_set():  # another request already failed, or a stop: not this one's fault

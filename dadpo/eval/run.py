@@ -47,7 +47,7 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] = print) -> dict:
     """Run (or continue) the eval in cfg.out and return its summary (the content of summary.json)."""
     started = time.monotonic()
     judge_kind = _check_flags(cfg)
-    api_key = api_key_from_env(cfg.judge_api_key_env) if judge_kind == "served" else None
+    api_key = api_key_from_env(cfg.judge_api_key_env) if judge_kind == "served" else (None, None)
     out = Path(cfg.out)
     from dadpo.eval.verdicts import load_judge_template
 
@@ -68,7 +68,9 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] = print) -> dict:
                               "template": template.name if template else None,
                               "template_digest": template.digest if template else None},
                     "prompts": {"digest": prompts.digest, "count": len(prompts)}}
-        open_eval(out, settings, cfg.overwrite)
+        reads = {"--prompts": cfg.prompts, **{f"{m.flag} {m.name}": m.source for m in (baseline, *models)},
+                 **({"--judge": cfg.judge} if judge_kind in ("local", "reward") else {})}
+        open_eval(out, settings, cfg.overwrite, reads)
         plan = _Plan(cfg, out, prompts, baseline, models, judge_kind, template, date)
         sets = _responses(plan, say)
         store = JudgmentStore(out)
@@ -171,9 +173,10 @@ def _backend(cfg: EvalConfig) -> str:
     return pick_backend(cfg.backend)
 
 
-def _make_judge(cfg: EvalConfig, kind: str, api_key: str | None, date: str):
+def _make_judge(cfg: EvalConfig, kind: str, api_key: tuple[str | None, str | None], date: str):
     if kind == "served":
-        return ServedJudge(cfg.judge_url, cfg.judge_model, api_key=api_key, key_source=cfg.judge_api_key_env,
+        return ServedJudge(cfg.judge_url, cfg.judge_model, api_key=api_key[0],
+                           key_source=api_key[1] or "--judge-api-key-env VAR",
                            retries=cfg.judge_retries, concurrency=cfg.judge_concurrency, timeout_s=cfg.judge_timeout,
                            max_new_tokens=cfg.judge_max_new_tokens, seed=cfg.seed)
     if kind == "answer":

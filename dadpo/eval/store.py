@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from dadpo.atomic import sweep_temp_files, write_json_atomic, write_parquet_atomic
 from dadpo.errors import DadpoError
+from dadpo.ownership import ensure_owned, read_json_object
 
 FORMAT = "dadpo.eval.v1"
 SCHEMA = pa.schema([("id", pa.string()), ("model", pa.string()), ("order", pa.string()), ("reply", pa.string()),
@@ -37,16 +38,17 @@ _OWN = ("settings.json", "responses", "work", "lm_eval", "judgments.parquet", "s
 _GUARDED = ("baseline", "judge", "prompts")
 
 
-def open_eval(out: Path, settings: dict, overwrite: bool) -> dict:
+def open_eval(out: Path, settings: dict, overwrite: bool, reads: dict | None = None) -> dict:
     """Create or continue EVAL; returns the settings it holds. Refuses (one line) a folder made with
-    another judge, template, baseline or prompts, and a non-empty folder no eval made."""
+    another judge, template, baseline or prompts, a non-empty folder no eval made (the ownership rule,
+    dadpo.ownership), and an --overwrite that would remove what the eval reads (reads: {flag: path})."""
     out = Path(out)
     settings_file = out / "settings.json"
     if out.exists() and not out.is_dir():
         raise DadpoError(f"--out {out}: is a file, expected an eval folder")
-    if out.exists() and any(out.iterdir()) and not settings_file.exists():
-        raise DadpoError(f"--out {out}: holds files but no settings.json (not a dadpo eval folder); choose another "
-                         "--out")
+    ensure_owned(out, flag="--out", what="a dadpo eval folder", marker=settings_file.name,
+                 parse=lambda path: read_json_object(path, "eval settings").get("format") == FORMAT or None,
+                 removes=_OWN if overwrite else (), protected=list((reads or {}).items()))
     if overwrite and settings_file.exists():
         for name in _OWN[1:]:
             target = out / name
