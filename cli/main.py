@@ -62,8 +62,14 @@ def cli():
     """
 
 
-# Each module registers its subcommand(s) on `cli`.
-from dadpo.cli import cache_teacher, demo, generate, inspect, report, sft, sweep, train, verify  # noqa: E402,F401
+# A module per subcommand, each a plain click command that the group collects here: no subcommand
+# module imports this one (no import circle).
+from dadpo.cli import cache_teacher, demo, generate, inspect, report, sft, sweep, train, verify  # noqa: E402
+
+for _command in (cache_teacher.cache_teacher_command, demo.demo_command, generate.generate_command,
+                 inspect.inspect_command, report.report_command, sft.sft_command, sweep.sweep_command,
+                 train.train_command, verify.verify_cache_command):
+    cli.add_command(_command)
 
 
 def main() -> None:
@@ -76,8 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # `python -m dadpo.cli.main` runs this file as __main__, a second copy of the module; the
-    # subcommands registered themselves on the imported dadpo.cli.main.cli, so run that one.
-    from dadpo.cli.main import main as _main
-
-    _main()
+    main()

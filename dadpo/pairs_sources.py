@@ -14,7 +14,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, one_line
 
 ABSENT = object()  # a JSON row without the key, told apart from an explicit null
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -142,10 +142,6 @@ def _table_chunks(tables: Iterator[pa.Table]) -> Iterator[Chunk]:
         start += table.num_rows
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())  # third-party text can span lines; ours is one
-
-
 def _parquet_tables(path: Path, source: str, chunk_rows: int) -> Iterator[pa.Table]:
     if path.stat().st_size == 0:
         raise DadpoError(f"{source}: the file is empty")
@@ -154,7 +150,7 @@ def _parquet_tables(path: Path, source: str, chunk_rows: int) -> Iterator[pa.Tab
             for batch in parquet.iter_batches(batch_size=chunk_rows):
                 yield pa.Table.from_batches([batch])
     except (pa.ArrowException, OSError) as e:
-        raise DadpoError(f"{source}: not a readable Parquet file ({_one_line(e)})") from None
+        raise DadpoError(f"{source}: not a readable Parquet file ({one_line(e)})") from None
 
 
 def _dataset_tables(path: Path, source: str, split: str | None, chunk_rows: int) -> Iterator[pa.Table]:
@@ -171,7 +167,7 @@ def _dataset_tables(path: Path, source: str, split: str | None, chunk_rows: int)
         what = "could not load the datasets folder" if saved else \
             "not a datasets.save_to_disk folder, and datasets.load_dataset could not load it" if path.is_dir() else \
             "no such file or folder, and datasets.load_dataset could not load it"
-        raise DadpoError(f"{source}: {what} ({type(e).__name__}: {_one_line(e)})") from None
+        raise DadpoError(f"{source}: {what} ({type(e).__name__}: {one_line(e)})") from None
     finally:
         hub_logger.setLevel(level)
     if isinstance(loaded, datasets.DatasetDict):

@@ -32,7 +32,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, first_line
 
 RULE_VERSION = 2
 PROMPT_FORMATS = ("chat", "raw")  # how a string prompt is read: a user turn, or text ready for the model
@@ -58,11 +58,6 @@ def pair_responses(row: dict) -> tuple[Response, Response]:
                         row.get(f"{side}_finish_reason") or "stop")
 
     return response("chosen"), response("rejected")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
 def pinned_clock(date: str):

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from dadpo import stop
 from dadpo.atomic import sweep_temp_files, temp_path, write_json_atomic, write_parquet_atomic
 from dadpo.cache.claims import worker_claim
-from dadpo.cache.layout import REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR, shard_file, teacher_prefix, work_path
+from dadpo.cache.layout import DROPPED_NAME, REFERENCE, SCHEMA_VERSION, SHARDS_DIR, WORK_DIR, shard_file, teacher_prefix, work_path
 from dadpo.cache.manifest import (differences, forget_shard, locked, manifest_path, new_manifest, read_manifest,
                                   record_shard, write_dropped_ids)
 from dadpo.cache.models import Sides, describe_models, server_settings
@@ -235,7 +235,7 @@ def _open_or_create(out: Path, header: dict, overwrite: bool) -> dict:
             # The manifest goes last: a crash in between leaves a cache that --overwrite still recognises.
             for name in (SHARDS_DIR, WORK_DIR):
                 shutil.rmtree(out / name, ignore_errors=True)
-            (out / "dropped_ids.txt").unlink(missing_ok=True)
+            (out / DROPPED_NAME).unlink(missing_ok=True)
             manifest_path(out).unlink()
         existing = _read_existing(out)
         if existing is None:

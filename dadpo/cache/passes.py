@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from dadpo import stop
 from dadpo.atomic import write_parquet_atomic
-from dadpo.cache.layout import REFERENCE, shard_file, work_path
+from dadpo.cache.layout import REFERENCE, shard_file, teacher_prefix, work_path
 from dadpo.cache.manifest import model_records, read_manifest, reuse_identity
 from dadpo.engine import EngineOptions
 from dadpo.errors import DadpoError
@@ -348,7 +348,7 @@ class ReuseIndex:
             for role, old in model_records(manifest).items():
                 if reuse_identity(old) != want:
                     continue
-                prefix = REFERENCE if role == "reference" else "teacher" + role.removeprefix("teacher").replace(":", "_")
+                prefix = REFERENCE if role == "reference" else teacher_prefix(role.partition(":")[2])
                 for entry in manifest["shards"]:
                     part = pq.read_table(Path(cache) / shard_file(entry["index"], manifest["num_shards"]),
                                          columns=[f"{prefix}_{kind}_{side}" for kind in ("key", "logp")

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from dadpo.atomic import sha256_file, write_parquet_atomic
 from dadpo.cache.layout import REFERENCE, shard_columns, shard_file, teacher_prefix
 from dadpo.cache.manifest import missing_shards, read_manifest
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, one_line
 from dadpo.tokenization import legacy_digest
 
 _REPAIR = "re-run the cache-teacher command that made it to recompute it"
@@ -46,7 +46,7 @@ def check_shard(file: Path, entry: dict, manifest: dict) -> None:
         metadata = pq.ParquetFile(file).metadata
         schema = pq.read_schema(file)
     except (pa.ArrowException, OSError) as exc:
-        raise DadpoError(f"{file}: not a readable Parquet file ({' '.join(str(exc).split())})") from None
+        raise DadpoError(f"{file}: not a readable Parquet file ({one_line(exc)})") from None
     if metadata.num_rows != entry["rows"]:
         raise DadpoError(f"{file}: {metadata.num_rows} rows, the manifest says {entry['rows']}")
     for column, arrow_type in shard_columns(_teachers(manifest), manifest["schema_version"]).items():

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, one_line
 from dadpo.scoring.base import Scorer, TokenizedSequence
 
 _MAX_BACKOFF_S = 30.0
@@ -67,25 +67,20 @@ def normalize_url(url: str) -> str:
     return base
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _error_message(body: bytes) -> str:
     """The message of a vLLM/OpenAI error body ({"error": {"message"}}, or FastAPI's {"detail"})."""
     try:
         data = json.loads(body)
     except ValueError:
-        return _one_line(body.decode("utf-8", "replace")) or "no message"
+        return one_line(body.decode("utf-8", "replace")) or "no message"
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and "message" in error:
-            return _one_line(error["message"])
+            return one_line(error["message"])
         for key in ("message", "detail"):
             if key in data:
-                return _one_line(data[key])
-    return _one_line(body.decode("utf-8", "replace"))
+                return one_line(data[key])
+    return one_line(body.decode("utf-8", "replace"))
 
 
 class _Http:
@@ -129,13 +124,13 @@ class _Http:
                 raise _Refused(exc.code, message) from None
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, not HTTP
                 reason = getattr(exc, "reason", None) or exc
-                last_error = _one_line(f"{type(reason).__name__}: {reason}")
+                last_error = one_line(f"{type(reason).__name__}: {reason}")
                 continue
             try:
                 return json.loads(body)
             except ValueError:
                 raise DadpoError(f"{self.where} {self.url}: {method} {path} answered with something that is not "
-                                 f"JSON ({_one_line(body[:80].decode('utf-8', 'replace'))!r}); is this a vLLM "
+                                 f"JSON ({one_line(body[:80].decode('utf-8', 'replace'))!r}); is this a vLLM "
                                  "OpenAI-compatible server?") from None
         raise DadpoError(f"{self.where} {self.url}: {method} {path} failed after {attempt + 1} tries "
                          f"(last error: {last_error}); is the server running?")
@@ -343,7 +338,7 @@ def _check_tokenizer(client: _Http, name: str, tokenizer, tokenizer_name: str) -
         if server_ids != local_ids:
             first = next((k for k, (a, b) in enumerate(zip(server_ids, local_ids)) if a != b),
                          min(len(server_ids), len(local_ids)))
-            raise client.fail(f"the server's model {name} tokenizes {_one_line(text, 40)!r} differently from "
+            raise client.fail(f"the server's model {name} tokenizes {one_line(text, 40)!r} differently from "
                               f"{tokenizer_name} (from token {first}: server {server_ids[first:first + 4]}, local "
                               f"{local_ids[first:first + 4]}): they are not the same tokenizer")
 
