@@ -189,6 +189,17 @@ class _Walker:
                                      f"({self.unit}s {positions[earlier]} and {positions[later]}){same}")
 
 
+def _parquet_holds(kind: pa.DataType) -> bool:
+    """Whether Parquet can store the type: it has no struct without fields, at any depth."""
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(_parquet_holds(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _parquet_holds(kind.value_type)
+    if pa.types.is_map(kind):
+        return _parquet_holds(kind.key_type) and _parquet_holds(kind.item_type)
+    return True
+
+
 class _Extras:
     """The columns beyond the spec's, in order of first appearance. Arrow sources keep their types;
     JSON values go into the parts as canonical JSON text, their type inferred per chunk and unified at
@@ -203,7 +214,7 @@ class _Extras:
         for name in chunk.names:
             if name in _SPEC_COLUMNS:
                 continue
-            if self.typed:
+            if self.typed and _parquet_holds(chunk.table.column(name).type):
                 array, kind = chunk.table.column(name), None
             else:
                 values = [None if value is ABSENT else value for value in chunk.values(name)]
@@ -211,6 +222,8 @@ class _Extras:
                     kind = pa.array(values).type
                 except (pa.ArrowException, OverflowError, TypeError, ValueError):
                     kind = None
+                if self.typed or (kind is not None and not _parquet_holds(kind)):
+                    kind = None  # e.g. {} (a struct without fields): the column stays JSON text
                 array = pa.array([None if value is None else canonical_json(value) for value in values], pa.string())
             self.kinds.setdefault(name, []).append(kind)
             table = table.append_column(name, array)
