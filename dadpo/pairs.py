@@ -269,12 +269,17 @@ def _check_columns(names: list[str], source: str, pairs: bool) -> None:
     if not missing:
         return
     lowered = {name.lower(): name for name in others}
-    guesses = [f"'{lowered.get(close[0], close[0])}' for '{name}'" for name in missing
+    guesses = [f"{lowered.get(close[0], close[0])!r} for {name!r}" for name in missing
                if (close := difflib.get_close_matches(name, others, n=1) or
                    difflib.get_close_matches(name, list(lowered), n=1, cutoff=0.85))]
     guess = f"; did you mean {', '.join(guesses)}?" if guesses else ""
     raise DadpoError(f"{source}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
-                     f"(found: {', '.join(names) or 'none'}){guess}; expected {expected}")
+                     f"(found: {', '.join(map(_shown, names)) or 'none'}){guess}; expected {expected}")
+
+
+def _shown(name: str) -> str:
+    """A column name as a message shows it: as it is, or quoted when it has odd characters (a line break)."""
+    return name if name and name.isprintable() and name.strip() == name and "," not in name else repr(name)
 
 
 def _load(path, split: str | None, prompt_format: str, workdir, chunk_rows: int, pairs: bool) -> dict:

@@ -30,10 +30,10 @@ from dadpo.pairs_rows import ALLOWED_ROLES, FINISH_REASONS
 from dadpo.tiny import TEMPLATES
 from dadpo.tokenization import ModelTokenizer, Response
 
-PAIRS_EXAMPLES = 100
-MANIFEST_EXAMPLES = 100
-SHARD_EXAMPLES = 100
-RENDER_EXAMPLES = 100
+PAIRS_EXAMPLES = 700
+MANIFEST_EXAMPLES = 600
+SHARD_EXAMPLES = 500
+RENDER_EXAMPLES = 1400
 
 
 def checked(**limits):
@@ -260,10 +260,25 @@ def restore(work: Path, manifest: dict, shards: dict[int, bytes]) -> None:
         (work / entry["file"]).write_bytes(shards[entry["index"]])
 
 
+def same_type(value):
+    """Another value of value's JSON type (a list: some of its items)."""
+    if isinstance(value, bool) or value is None:
+        return st.sampled_from([value, not value] if isinstance(value, bool) else [None])
+    if isinstance(value, int):
+        return st.one_of(st.integers(-2, 50), st.integers(value - 2, value + 2))
+    if isinstance(value, float):
+        return st.floats()
+    if isinstance(value, str):
+        return st.one_of(TEXT, st.just(value[:-1]), st.just(value + "0"))
+    if isinstance(value, list):
+        return st.lists(st.sampled_from(value), max_size=len(value)) if value else st.just([])
+    return st.just(value)
+
+
 @st.composite
 def mutated(draw, value):
-    """value with one to three of its nested fields replaced by any JSON value, removed, or (lists)
-    shortened."""
+    """value with one to three of its nested fields replaced by another value of the same type
+    (the schema still holds, so the checks after it run), by any JSON value, or removed."""
     value = copy.deepcopy(value)
     for _ in range(draw(st.integers(1, 3))):
         parent, key, node = None, None, value
@@ -272,9 +287,11 @@ def mutated(draw, value):
             node = node[key]
         if parent is None:
             continue
-        action = draw(st.sampled_from(["replace", "remove", "replace"]))
+        action = draw(st.sampled_from(["same type", "same type", "any", "remove"]))
         if action == "remove":
             del parent[key]
+        elif action == "same type":
+            parent[key] = draw(same_type(node))
         else:
             parent[key] = draw(st.one_of(JSON, st.integers(-3, 3), st.sampled_from([None, "", [], {}])))
     return value
@@ -293,8 +310,10 @@ def test_manifest_reader_gives_a_cache_or_one_line(pristine, kind, data):
         text = damaged(data.draw, json.dumps(manifest).encode("utf-8"))
     (work / "manifest.json").write_bytes(text)
     result = outcome(lambda: read_manifest(work))
+    event(f"manifest: {type(result).__name__}")
     if isinstance(result, dict):
         cache = outcome(lambda: open_cache(work))
+        event(f"open_cache: {type(cache).__name__}")
         if not isinstance(cache, DadpoError):
             frame = outcome(cache.read)
             assert isinstance(frame, (pl.DataFrame, DadpoError))
@@ -317,13 +336,27 @@ def test_shard_reader_gives_rows_or_one_line(pristine, index, checksum_updated, 
         changed["shards"][position].update(sha256=hashlib.sha256(broken).hexdigest(), bytes=len(broken))
         (work / "manifest.json").write_text(json.dumps(changed))
     cache = outcome(lambda: open_cache(work, verify=data.draw(st.booleans())))
+    event(f"open_cache: {type(cache).__name__}")
     if not isinstance(cache, DadpoError):
         columns = data.draw(st.sampled_from([None, ["id", "ref_logp_chosen", "ref_chosen_ids"]]))
         frame = outcome(lambda: cache.read(columns, verify=data.draw(st.booleans())))
+        event(f"read: {type(frame).__name__}")
         assert isinstance(frame, (pl.DataFrame, DadpoError))
 
 
 # ---------------------------------------------------------------- the prompt renderer
+
+
+@st.composite
+def conversations(draw) -> list[dict]:
+    """What chat templates are made for: a system turn perhaps, then user and assistant in turn,
+    ending with the user."""
+    turns = draw(st.integers(0, 2)) * 2 + 1
+    system = [{"role": "system", "content": draw(TEXT)}] if draw(st.booleans()) else []
+    return system + [{"role": "user" if i % 2 == 0 else "assistant", "content": draw(TEXT)} for i in range(turns)]
+
+
+CONVERSATION = conversations()
 
 
 @pytest.fixture(scope="module")
@@ -342,12 +375,13 @@ def renderers(models) -> list[ModelTokenizer]:
 
 
 @checked(max_examples=RENDER_EXAMPLES)
-@given(which=st.integers(0, 100), messages=st.one_of(st.lists(MESSAGE, max_size=4), st.lists(ODD_MESSAGE, max_size=4),
-                                                       JSON),
+@given(which=st.integers(0, 100), messages=st.one_of(CONVERSATION, st.lists(MESSAGE, max_size=4), CONVERSATION,
+                                                       st.lists(ODD_MESSAGE, max_size=4), JSON),
        raw=TEXT, add_generation_prompt=st.booleans(), responses=st.tuples(TEXT, TEXT))
 def test_prompt_renderer_gives_ids_or_one_line(renderers, which, messages, raw, add_generation_prompt, responses):
     rule = renderers[which % len(renderers)]
     text = outcome(lambda: rule.render(messages, add_generation_prompt, "props row 0"))
+    event(f"render: {type(text).__name__}")
     assert isinstance(text, (str, DadpoError))
     for prompt in (messages, raw):
         ids = outcome(lambda: rule.encode_prompt(prompt, "props row 0"))
