@@ -38,7 +38,7 @@ RENDER_EXAMPLES = 1400
 
 def checked(**limits):
     """hypothesis settings: no time limit per input (the machine is shared), the same inputs on every
-    run, nothing written to a .hypothesis folder."""
+    run, no example database."""
     return settings(deadline=None, derandomize=True, database=None, print_blob=False,
                     phases=[Phase.explicit, Phase.generate, Phase.shrink],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -175,22 +175,24 @@ def parquet_table(rows: list[dict], bad_utf8: bool) -> pa.Table:
 
 
 @st.composite
-def pairs_sources(draw) -> tuple[str, bytes | pa.Table]:
-    """(suffix, content): a JSONL, JSON or Parquet pairs file, sometimes with damaged bytes."""
+def pairs_sources(draw) -> tuple[str, bytes | pa.Table, int | None]:
+    """(suffix, content, rows): a JSONL, JSON or Parquet pairs file, and how many rows it holds
+    (None: a line or the whole file replaced by something else)."""
     with_id, clean = draw(st.booleans()), draw(st.booleans())
     layout = draw(st.sampled_from(LAYOUTS[:-1])) if clean else draw(st.sampled_from([None, *LAYOUTS]))
     rows = draw(st.lists(pair_rows(with_id, clean, layout), min_size=1 if clean else 0, max_size=5))
     suffix = draw(st.sampled_from([".jsonl", ".json", ".parquet"]))
     if suffix == ".parquet":
-        return suffix, parquet_table(rows, bad_utf8=draw(st.integers(0, 9)) == 0)
+        return suffix, parquet_table(rows, bad_utf8=draw(st.integers(0, 9)) == 0), len(rows)
     if suffix == ".jsonl":
         lines = [json.dumps(row, ensure_ascii=draw(st.booleans())).encode("utf-8") for row in rows]
-        if draw(st.integers(0, 5)) == 0:  # a blank, garbled or non-object line somewhere
+        inserted = draw(st.integers(0, 5)) == 0
+        if inserted:  # a blank, garbled or non-object line somewhere
             lines.insert(draw(st.integers(0, len(lines))), draw(st.one_of(st.binary(max_size=8),
                                                                           JSON.map(lambda v: json.dumps(v).encode()))))
-        return suffix, b"\n".join(lines) + (b"\n" if draw(st.booleans()) else b"")
-    data = json.dumps(rows if draw(st.integers(0, 9)) else draw(JSON)).encode("utf-8")
-    return suffix, data
+        return suffix, b"\n".join(lines) + (b"\n" if draw(st.booleans()) else b""), None if inserted else len(rows)
+    whole = draw(st.integers(0, 9)) > 0
+    return suffix, json.dumps(rows if whole else draw(JSON)).encode("utf-8"), len(rows) if whole else None
 
 
 def damaged(draw, data: bytes) -> bytes:
@@ -214,7 +216,7 @@ def damaged(draw, data: bytes) -> bytes:
 @checked(max_examples=PAIRS_EXAMPLES)
 @given(source=pairs_sources(), chunk_rows=st.integers(1, 3), garble=st.integers(0, 15), data=st.data())
 def test_pairs_reader_gives_rows_or_one_line(source, chunk_rows, garble, data):
-    suffix, content = source
+    suffix, content, num_rows = source
     with tempfile.TemporaryDirectory(prefix="dadpo-props-") as folder:
         path = Path(folder) / f"pairs{suffix}"
         if isinstance(content, pa.Table):
@@ -229,6 +231,7 @@ def test_pairs_reader_gives_rows_or_one_line(source, chunk_rows, garble, data):
             if isinstance(result, NormalizedFile):
                 table = result.read()
                 assert table.height == len(result) and table["id"].null_count() == 0
+                assert garble == 0 or num_rows is None or len(result) == num_rows  # every row, none twice
                 for prompt in table["prompt"]:
                     assert isinstance(decode_prompt(prompt), (list, str))
 
@@ -316,7 +319,8 @@ def test_manifest_reader_gives_a_cache_or_one_line(pristine, kind, data):
         event(f"open_cache: {type(cache).__name__}")
         if not isinstance(cache, DadpoError):
             frame = outcome(cache.read)
-            assert isinstance(frame, (pl.DataFrame, DadpoError))
+            # the shards were checked against the manifest: the rows it records, no more
+            assert isinstance(frame, DadpoError) or frame.height == sum(entry["rows"] for entry in result["shards"])
 
 
 @checked(max_examples=SHARD_EXAMPLES)
