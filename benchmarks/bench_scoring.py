@@ -5,7 +5,7 @@ Modes (each pair = one prompt, two responses, as cache-teacher scores chosen and
   hf           dadpo.logprobs.score_pairs(shared=False): each pair's two sequences separately, in
                batches of --hf-batch-size sequences (longest pairs first); what `cache-teacher
                --backend hf` runs where a model fails the prefix-sharing check
-  hf-shared    dadpo.logprobs.HFScorer.score_pairs: what `cache-teacher --backend hf` runs (the
+  hf-shared    dadpo.scoring.hf.HFScorer.score_pairs: what `cache-teacher --backend hf` runs (the
                scorer's start-up check holds for Qwen2): the same batches, one [prompt | chosen |
                rejected] row per pair, the prompt computed once
   vllm         dadpo.scoring.vllm.VLLMScorer.score on the 2n sequences: vLLM's prefix cache is not read
@@ -78,7 +78,8 @@ def backend_worker(conn, backend: str, folder: str, dtype: str, device: str, opt
     model = resolve_model(folder)
     with Timer() as started:
         if backend == "hf":
-            from dadpo.logprobs import HFScorer, score_pairs
+            from dadpo.logprobs import score_pairs
+            from dadpo.scoring.hf import HFScorer
 
             if options["hf_threads"]:
                 torch.set_num_threads(options["hf_threads"])

@@ -7,7 +7,7 @@ log-probs computed once before training, AdamW with the same settings, linear de
   trl             trl.DPOTrainer(precompute_ref_log_probs=True); the reference pass runs inside the
                   constructor (compute_ref_log_probs per batch); fp32/bf16 weights as given, autocast
                   and gradient checkpointing off (DPOConfig turns bf16 and checkpointing on by default)
-  dadpo           the reference scored by dadpo.logprobs.HFScorer.score_pairs (what `cache-teacher
+  dadpo           the reference scored by dadpo.scoring.hf.HFScorer.score_pairs (what `cache-teacher
                   --backend hf` runs: prompts shared where the scorer's check holds), the rows `dadpo
                   train` reads, then dadpo's Trainer running the recipe's step (pair_batch ->
                   batch_loss -> backward -> optimizer_step) with the layout the trainer chooses
@@ -269,7 +269,8 @@ class DadpoArm:
         import torch
 
         from dadpo.engine import EngineOptions
-        from dadpo.logprobs import HFScorer, score_pairs
+        from dadpo.logprobs import score_pairs
+        from dadpo.scoring.hf import HFScorer
         from dadpo.modeling import resolve_model
 
         s = self.settings

@@ -5,11 +5,10 @@ from __future__ import annotations
 import click
 
 from dadpo.config import CacheTeacherConfig
-from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
 
 
-@cli.command("cache-teacher")
+@click.command("cache-teacher")
 @config_options(CacheTeacherConfig)
 def cache_teacher_command(**flags):
     """Score every pair under the teacher(s) and the reference, once, into Parquet shards.
@@ -30,6 +29,7 @@ def cache_teacher_command(**flags):
       dadpo cache-teacher --pairs pairs.jsonl --reference ./sft --out ref-cache/    (plain DPO: no teacher)
     """
     from dadpo.cache import cache_teacher
+    from dadpo.cache.layout import DROPPED_NAME
 
     cfg = build_config(CacheTeacherConfig, flags)
     summary = cache_teacher(cfg)
@@ -38,7 +38,7 @@ def cache_teacher_command(**flags):
                    "pending pair tokenizes under every model; no model was loaded (run without --plan-only to score)")
         return
     state = "complete" if summary.complete else f"{summary.shards_done} of {summary.num_shards} shards done"
-    dropped = f" (ids in {summary.path}/dropped_ids.txt)" if summary.dropped else ""
+    dropped = f" (ids in {summary.path}/{DROPPED_NAME})" if summary.dropped else ""
     click.echo(f"cache {summary.path}: {summary.rows} pairs cached, {summary.dropped} dropped by the length rule"
                f"{dropped}, {state} ({summary.seconds:.1f} s)")
     if summary.sequences_reused:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from dadpo.cli.main import cli
 
-
-@cli.command("demo")
+@click.command("demo")
 @click.option("--workdir", default="dadpo-demo", show_default=True, help="Folder for the models, pairs, cache and run.")
 @click.option("--backend", default="auto", show_default=True, help="Scoring backend: auto, hf or vllm.")
 @click.option("--pairs", "num_pairs", type=int, default=96, show_default=True, help="Synthetic pairs to make.")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
-from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
 from dadpo.config import EvalConfig
 
 
-@cli.command("eval")
+@click.command("eval")
 @config_options(EvalConfig)
 def eval_command(**flags):
     """Did the student get better? Judged win rates against a baseline, with intervals.

@@ -6,14 +6,13 @@ import dataclasses
 
 import click
 
-from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
 from dadpo.config import GenerateConfig
 
 _ENGINE_FLAGS_UNUSED = ("engine.seed", "engine.fp32_head", "engine.max_num_batched_tokens")
 
 
-@cli.command("generate")
+@click.command("generate")
 @config_options(GenerateConfig, exclude=_ENGINE_FLAGS_UNUSED,
                 overrides={"engine.batch_size": {"help": "hf: prompts per model.generate call."},
                            "engine.max_model_len": {"default_text": "the model's"}})

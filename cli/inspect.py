@@ -6,10 +6,8 @@ import json
 
 import click
 
-from dadpo.cli.main import cli
 
-
-@cli.command("inspect")
+@click.command("inspect")
 @click.argument("cache")
 @click.option("--png", default=None, help="Also draw histograms of h_te, h_ref and d_te into this PNG file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object instead of text.")

@@ -62,7 +62,7 @@ def _traceback_if_asked(exc: BaseException) -> None:
 def _one_line(exc: BaseException) -> str:
     """An unexpected exception as one line: an OS error names its path; anything else its type and
     first line (the full traceback is one environment variable away)."""
-    from dadpo.tokenization import first_line
+    from dadpo.errors import first_line
 
     if isinstance(exc, OSError) and exc.filename is not None:
         paths = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
@@ -90,10 +90,16 @@ def cli():
     """
 
 
-# Each module registers its subcommand(s) on `cli`.
-from dadpo.cli import (  # noqa: E402,F401
+# A module per subcommand, each a plain click command that the group collects here: no subcommand
+# module imports this one (no import circle).
+from dadpo.cli import (  # noqa: E402
     cache_teacher, demo, eval, generate, inspect, report, sft, show_tokens, sweep, train, verify,
 )
+
+for _command in (cache_teacher.cache_teacher_command, demo.demo_command, eval.eval_command, generate.generate_command,
+                 inspect.inspect_command, report.report_command, sft.sft_command, show_tokens.show_tokens_command,
+                 sweep.sweep_command, train.train_command, verify.verify_cache_command):
+    cli.add_command(_command)
 
 
 def main() -> None:
@@ -106,8 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # `python -m dadpo.cli.main` runs this file as __main__, a second copy of the module; the
-    # subcommands registered themselves on the imported dadpo.cli.main.cli, so run that one.
-    from dadpo.cli.main import main as _main
-
-    _main()
+    main()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from dadpo.cli.main import cli
 
-
-@cli.command("report")
+@click.command("report")
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--out", default="report.png", show_default=True, help="PNG to write.")
 @click.option("--smooth", type=int, default=1, show_default=True, help="Moving average over N steps.")

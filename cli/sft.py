@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
-from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
 from dadpo.config import SftConfig
 
 
-@cli.command("sft")
+@click.command("sft")
 @config_options(SftConfig, overrides={"out": {"help": "Run folder: model/ (the HF checkpoint), metrics.jsonl, "
                                               "eval.json, summary.json, checkpoints/."}})
 def sft_command(**flags):
@@ -27,6 +26,7 @@ def sft_command(**flags):
     RUN/metrics.jsonl (loss, tokens, lr, grad_norm, tokens_per_s per step), tensorboard.
     """
     from dadpo.recipes.sft import sft
+    from dadpo.tokenization import DROPPED_NAME
 
     summary = sft(build_config(SftConfig, flags))
     if not summary.get("main_process", True):
@@ -37,5 +37,5 @@ def sft_command(**flags):
     if ev:
         click.echo(f"eval on {summary['eval_examples']} held-out examples: loss {ev['eval_loss']:.4f} per response token")
     if summary["dropped_ids"]:
-        click.echo(f"dropped {len(summary['dropped_ids'])} pairs over --max-length (ids in RUN/dropped_ids.txt)")
+        click.echo(f"dropped {len(summary['dropped_ids'])} pairs over --max-length (ids in RUN/{DROPPED_NAME})")
     click.echo(f"model saved to {summary['model_dir']}")

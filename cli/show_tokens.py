@@ -6,12 +6,11 @@ import sys
 
 import click
 
-from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
 from dadpo.config import ShowTokensConfig
 
 
-@cli.command("show-tokens")
+@click.command("show-tokens")
 @config_options(ShowTokensConfig)
 def show_tokens_command(**flags):
     """Show what a model will score for one pair: the rendered prompt, the chosen and rejected

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
-from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
 from dadpo.config import TrainConfig
 
 
-@cli.command("sweep")
+@click.command("sweep")
 @click.option("--beta1", "beta1s", default="0.01,0.1,1", show_default=True,
               help="Comma-separated beta1 values (reference term; 0 = rDPO).")
 @click.option("--beta2", "beta2s", default="0.001,0.01,0.1,1", show_default=True,

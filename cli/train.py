@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
 from dadpo.config import TrainConfig
 
@@ -23,7 +22,7 @@ def echo_summary(summary: dict) -> None:
     click.echo(f"model saved to {summary['model_dir']}")
 
 
-@cli.command("train")
+@click.command("train")
 @config_options(TrainConfig)
 def train_command(**flags):
     """Train the student with daDPO from a cache; only the student is loaded.

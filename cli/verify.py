@@ -6,12 +6,11 @@ import sys
 
 import click
 
-from dadpo.cli.main import cli
 from dadpo.cli.options import build_config, config_options
 from dadpo.config import VerifyConfig
 
 
-@cli.command("verify-cache")
+@click.command("verify-cache")
 @click.argument("cache_arg", metavar="[CACHE]", required=False)
 @click.option("--cache", default=None, help="Cache folder (made by dadpo cache-teacher); or give it as the argument.")
 @config_options(VerifyConfig, exclude=("cache",))

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from dadpo import stop
 from dadpo.atomic import write_atomic, write_json_atomic, write_parquet_atomic
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, first_line
 from dadpo.modeling import (ResolvedModel, check_device, model_tokenizer, resolve_model, resolved_dtype, torch_dtype,
                             weights_digest)
 from dadpo.config import GenerateConfig
@@ -42,7 +42,7 @@ from dadpo.pairs import decode_prompt, load_prompts
 from dadpo.runner import Progress, run_passes
 from dadpo.sampling import make_sampler
 from dadpo.scoring import backend_version, pick_backend
-from dadpo.tokenization import check_date, first_line, parse_template_kwargs, today
+from dadpo.tokenization import check_date, parse_template_kwargs, today
 
 ROLES = ("teacher", "student")
 METADATA_KEY = "dadpo.generate"
@@ -89,7 +89,7 @@ def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
             done = _finished_settings(out)
             if cfg.overwrite:
                 out.unlink()
-            elif done is not None and _guarded(done) == _guarded(settings):
+            elif done is not None and _settings_for_reuse(done) == _settings_for_reuse(settings):
                 return GenerateSummary(str(out), done["rows"], done["dropped"], done["truncated"], {},
                                        time.monotonic() - started, already_done=True)
             else:
@@ -157,7 +157,7 @@ def _describe(cfg: GenerateConfig, role: str, backend: str, date: str) -> dict:
     return {"model": resolved, "record": record}
 
 
-def _guarded(settings: dict) -> dict:
+def _settings_for_reuse(settings: dict) -> dict:
     """What must match for existing work to be reused: all but where the prompts file was read."""
     kept = {k: v for k, v in settings.items() if k not in ("rows", "dropped", "truncated")}
     kept["prompts"] = {k: v for k, v in settings["prompts"].items() if k != "source"}
@@ -166,7 +166,7 @@ def _guarded(settings: dict) -> dict:
 
 def _changed(existing: dict, requested: dict) -> list[str]:
     """The guarded settings that differ, as dotted names (sampling.temperature, teacher.weights_digest)."""
-    have, want = _guarded(existing), _guarded(requested)
+    have, want = _settings_for_reuse(existing), _settings_for_reuse(requested)
     names = []
     for key in sorted(set(have) | set(want)):
         a, b = have.get(key), want.get(key)
@@ -218,7 +218,7 @@ def _open_work(work: Path, settings: dict, overwrite: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
     if settings_file.exists():
         existing = read_json_object(settings_file, "generate settings")
-        if _guarded(existing) != _guarded(settings):
+        if _settings_for_reuse(existing) != _settings_for_reuse(settings):
             raise DadpoError(f"--out: unfinished work in {work} was made with other settings "
                              f"({', '.join(_changed(existing, settings))}); "
                              "re-run with the same flags to finish it, or pass --overwrite to start over")

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, first_line
 from dadpo.logprobs import Pair, ResponseBatch, ResponseLogprobs, collate, collate_pairs, pair_sequences
 
 
@@ -35,8 +35,7 @@ def _layout_difference(logprobs: nn.Module, unwrapped: ResponseLogprobs, referen
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # e.g. model code that cannot take position_ids boundaries or a 4D mask
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                raise DadpoError(failure.format(error=f"{type(exc).__name__}: {first_line}")) from None
+                raise DadpoError(failure.format(error=f"{type(exc).__name__}: {first_line(exc)}")) from None
     finally:
         logprobs.train(was_training)
     counts = torch.bincount(reference.sequence, minlength=reference.num_sequences).clamp(min=1)

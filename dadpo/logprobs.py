@@ -1,5 +1,5 @@
 """Sentence log-probs of responses under an HF causal LM: the one computation shared by the hf
-scoring backend, verify-cache and the trainer.
+scoring backend (dadpo.scoring.hf), verify-cache and the trainer.
 
     log pi(y|x) = sum_t log_softmax(lm_head(h_{t-1}))[y_t]      over response tokens t
 
@@ -28,9 +28,6 @@ model honours that mask. Padded (a row per pair) and packed (every pair in one r
 
 from __future__ import annotations
 
-import functools
-import gc
-
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -41,11 +38,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dadpo.errors import DadpoError
-from dadpo.scoring.base import Scorer
+from dadpo.training.config import DEFAULT_CHUNK_TOKENS
 
-# Vocab rows per chunk: 4096 tokens x 152k vocab x 4 bytes is 2.5 GB at Qwen2.5 sizes, which
-# is the most we are willing to hold at once.
-DEFAULT_CHUNK_TOKENS = 4096
 # fp32 response logits a training forward may keep for backward (e.g. 1,700 tokens at a 152k
 # vocabulary); past it, chunks are recomputed in backward, which costs one more lm_head matmul.
 KEEP_LOGITS_BYTES = 2**30
@@ -280,60 +274,5 @@ def score_pairs(logprobs: nn.Module, pairs: Sequence[Pair], pad_id: int, device,
     return chosen, rejected
 
 
-# ---------------------------------------------------------------- the hf scoring backend
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class HFScorer(Scorer):
-    """cache-teacher's hf backend (dadpo.scoring.base.Scorer): ResponseLogprobs on a transformers model,
-    batched longest first. score_pairs() runs each pair's prompt once where the model computes exactly
-    the unshared numbers that way (checked once, on first use: sharing_refused says why not)."""
-
-    def __init__(self, model, dtype: str, options, pad_id: int, trust_remote_code: bool = False):
-        from dadpo.modeling import load_causal_lm
-
-        self.device = options.device or default_device()
-        self.batch_size, self.pad_id, self.name = options.batch_size, pad_id, model.name
-        self.logprobs = ResponseLogprobs(load_causal_lm(model, dtype, trust_remote_code)).to(self.device)
-
-    def score(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
-              on_tokens: Callable[[int], None] | None = None) -> np.ndarray:
-        # Longest first: similar lengths share a batch (little padding), and an out-of-memory error
-        # shows up on the first batch rather than hours in.
-        order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
-        result = np.empty(len(sequences), dtype=np.float64)
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                indices = order[start : start + self.batch_size]
-                batch = collate([sequences[i] for i in indices], self.pad_id)
-                result[indices] = self.logprobs(batch.to(self.device)).cpu().numpy()
-                if on_tokens is not None:
-                    on_tokens(batch.num_tokens)
-        return result
-
-    def score_pairs(self, pairs: Sequence[Pair], on_tokens: Callable[[int], None] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-        """(log pi(chosen | prompt), log pi(rejected | prompt)) per pair, in input order: the numbers
-        score() gives for the 2n sequences. batch_size counts sequences (batch_size // 2 pairs a batch)."""
-        return score_pairs(self.logprobs, pairs, self.pad_id, self.device, self.batch_size,
-                           shared=self.sharing_refused is None, on_tokens=on_tokens)
-
-    @functools.cached_property
-    def sharing_refused(self) -> str | None:
-        """None when score_pairs shares prompts, else the one-line reason it does not."""
-        from dadpo.layout_checks import check_sharing, probe_pairs
-
-        try:
-            check_sharing(self.logprobs, probe_pairs(self.logprobs.model.config.vocab_size), self.device, self.name)
-        except DadpoError as exc:
-            return str(exc)
-        return None
-
-    def close(self) -> None:
-        self.__dict__.pop("logprobs", None)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, first_line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -32,11 +32,6 @@ class ResolvedModel:
     def record_name(self) -> str:
         """How the manifest names it: the hub id, or the absolute folder (valid from any cwd)."""
         return self.name if self.from_hub else self.local_path
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
 def resolve_model(name: str, revision: str | None = None, flag: str = "--model") -> ResolvedModel:
@@ -59,7 +54,7 @@ def resolve_model(name: str, revision: str | None = None, flag: str = "--model")
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"],
         )
     except Exception as exc:  # hub errors are many types; the user needs one line
-        raise DadpoError(f"{flag} {name}: no such folder, and not loadable from the HF hub ({_first_line(exc)})") from None
+        raise DadpoError(f"{flag} {name}: no such folder, and not loadable from the HF hub ({first_line(exc)})") from None
     # snapshot folders are named by the commit hash: that is the revision we record
     return ResolvedModel(name=name, local_path=local, revision=Path(local).name, from_hub=True)
 
@@ -75,7 +70,7 @@ def refuse_remote_code(model: ResolvedModel, trust_remote_code: bool, flag: str)
     try:
         config = json.loads((Path(model.local_path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DadpoError(f"{flag} {model.name}: unreadable config.json ({_first_line(exc)})") from None
+        raise DadpoError(f"{flag} {model.name}: unreadable config.json ({first_line(exc)})") from None
     if not isinstance(config, dict):
         raise DadpoError(f"{flag} {model.name}: config.json is not a JSON object")
     if config.get("auto_map"):
@@ -124,7 +119,7 @@ def load_tokenizer(model: ResolvedModel, trust_remote_code: bool = False, flag: 
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
             raise DadpoError(f"{flag} {model.name}: its tokenizer needs custom code from the model folder; "
                              "dadpo runs it only if you pass --trust-remote-code") from None
-        raise DadpoError(f"{flag} {model.name}: cannot load its tokenizer ({_first_line(exc)})") from None
+        raise DadpoError(f"{flag} {model.name}: cannot load its tokenizer ({first_line(exc)})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise DadpoError(f"{flag} {model.name}: dadpo needs a fast (Rust) tokenizer, found a slow one")
     return tokenizer
@@ -205,7 +200,7 @@ def load_causal_lm(model: ResolvedModel, dtype: str, trust_remote_code: bool = F
     except DadpoError:
         raise
     except Exception as exc:
-        raise DadpoError(f"{flag} {model.name}: cannot load the model ({_first_line(exc)})") from None
+        raise DadpoError(f"{flag} {model.name}: cannot load the model ({first_line(exc)})") from None
     return lm.eval()
 
 
@@ -286,7 +281,7 @@ def load_policy(cfg, model: ResolvedModel, checkpoint: Path | None = None):
         with _quiet_transformers():
             lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:  # transformers raises many types; the user needs one line
-        raise DadpoError(f"--model {model.name}: cannot load the model from {source} ({_first_line(exc)})") from None
+        raise DadpoError(f"--model {model.name}: cannot load the model from {source} ({first_line(exc)})") from None
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         if not getattr(lm, "supports_gradient_checkpointing", False):
@@ -306,4 +301,4 @@ def load_policy(cfg, model: ResolvedModel, checkpoint: Path | None = None):
     try:
         return get_peft_model(lm, config)
     except ValueError as exc:
-        raise DadpoError(f"--lora-targets {cfg.lora_targets}: {_first_line(exc)}") from None
+        raise DadpoError(f"--lora-targets {cfg.lora_targets}: {first_line(exc)}") from None

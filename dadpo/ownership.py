@@ -18,8 +18,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from dadpo.errors import DadpoError
-from dadpo.tokenization import first_line
+from dadpo.errors import DadpoError, first_line
 
 PathLike = str | os.PathLike
 

@@ -189,6 +189,17 @@ class _Walker:
                                      f"({self.unit}s {positions[earlier]} and {positions[later]}){same}")
 
 
+def _parquet_holds(kind: pa.DataType) -> bool:
+    """Whether Parquet can store the type: it has no struct without fields, at any depth."""
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(_parquet_holds(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _parquet_holds(kind.value_type)
+    if pa.types.is_map(kind):
+        return _parquet_holds(kind.key_type) and _parquet_holds(kind.item_type)
+    return True
+
+
 class _Extras:
     """The columns beyond the spec's, in order of first appearance. Arrow sources keep their types;
     JSON values go into the parts as canonical JSON text, their type inferred per chunk and unified at
@@ -203,7 +214,7 @@ class _Extras:
         for name in chunk.names:
             if name in _SPEC_COLUMNS:
                 continue
-            if self.typed:
+            if self.typed and _parquet_holds(chunk.table.column(name).type):
                 array, kind = chunk.table.column(name), None
             else:
                 values = [None if value is ABSENT else value for value in chunk.values(name)]
@@ -211,6 +222,8 @@ class _Extras:
                     kind = pa.array(values).type
                 except (pa.ArrowException, OverflowError, TypeError, ValueError):
                     kind = None
+                if self.typed or (kind is not None and not _parquet_holds(kind)):
+                    kind = None  # e.g. {} (a struct without fields): the column stays JSON text
                 array = pa.array([None if value is None else canonical_json(value) for value in values], pa.string())
             self.kinds.setdefault(name, []).append(kind)
             table = table.append_column(name, array)
@@ -256,12 +269,17 @@ def _check_columns(names: list[str], source: str, pairs: bool) -> None:
     if not missing:
         return
     lowered = {name.lower(): name for name in others}
-    guesses = [f"'{lowered.get(close[0], close[0])}' for '{name}'" for name in missing
+    guesses = [f"{lowered.get(close[0], close[0])!r} for {name!r}" for name in missing
                if (close := difflib.get_close_matches(name, others, n=1) or
                    difflib.get_close_matches(name, list(lowered), n=1, cutoff=0.85))]
     guess = f"; did you mean {', '.join(guesses)}?" if guesses else ""
     raise DadpoError(f"{source}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
-                     f"(found: {', '.join(names) or 'none'}){guess}; expected {expected}")
+                     f"(found: {', '.join(map(_shown, names)) or 'none'}){guess}; expected {expected}")
+
+
+def _shown(name: str) -> str:
+    """A column name as a message shows it: as it is, or quoted when it has odd characters (a line break)."""
+    return name if name and name.isprintable() and name.strip() == name and "," not in name else repr(name)
 
 
 def _load(path, split: str | None, prompt_format: str, workdir, chunk_rows: int, pairs: bool) -> dict:

@@ -14,7 +14,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, one_line
 
 ABSENT = object()  # a JSON row without the key, told apart from an explicit null
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -64,13 +64,13 @@ def _open(path: Path, source: str, split: str | None, chunk_rows: int) -> tuple[
         if suffix == ".json":
             return "row", _json_chunks(path, source, chunk_rows)
         if suffix == ".parquet":
-            return "row", _table_chunks(_parquet_tables(path, source, chunk_rows))
+            return "row", _table_chunks(_parquet_tables(path, source, chunk_rows), source)
         raise DadpoError(f"{source}: unsupported format; use .parquet, .jsonl or .json, a datasets.save_to_disk "
                          "folder, a folder of data files or a Hub dataset id")
     looks_local = path.suffix.lower() in FILE_SUFFIXES or path.is_absolute() or source.startswith((".", "~"))
     if not path.exists() and looks_local:  # anything else may be a Hub dataset id
         raise DadpoError(f"{source}: no such file")
-    return "row", _table_chunks(_dataset_tables(path, source, split, chunk_rows))
+    return "row", _table_chunks(_dataset_tables(path, source, split, chunk_rows), source)
 
 
 def _utf8_error(source: str, line: int, data: bytes, error: UnicodeDecodeError) -> DadpoError:
@@ -135,15 +135,32 @@ def _json_chunks(path: Path, source: str, chunk_rows: int) -> Iterator[Chunk]:
                             source, "row")
 
 
-def _table_chunks(tables: Iterator[pa.Table]) -> Iterator[Chunk]:
+def _table_chunks(tables: Iterator[pa.Table], source: str) -> Iterator[Chunk]:
     start = 0
     for table in tables:
+        for name in table.column_names:
+            _check_text(table.column(name), name, source, start)
         yield Chunk(table.column_names, range(start, start + table.num_rows), table=table)
         start += table.num_rows
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())  # third-party text can span lines; ours is one
+def _check_text(column: pa.ChunkedArray, name: str, source: str, start: int) -> None:
+    """Refuse text that is not UTF-8: Parquet writers need not check it, and Arrow reads it unchecked."""
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        pass
+    else:
+        return
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        for offset, value in enumerate(column.cast(pa.large_binary()).to_pylist()):
+            try:
+                (value or b"").decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DadpoError(f"{source} row {start + offset}: column {name!r} is not valid UTF-8 "
+                                 f"(byte 0x{value[e.start]:02x} at offset {e.start})") from None
+    raise DadpoError(f"{source} rows {start} to {start + len(column) - 1}: column {name!r} holds invalid data "
+                     "(e.g. text that is not UTF-8)")
 
 
 def _parquet_tables(path: Path, source: str, chunk_rows: int) -> Iterator[pa.Table]:
@@ -154,7 +171,7 @@ def _parquet_tables(path: Path, source: str, chunk_rows: int) -> Iterator[pa.Tab
             for batch in parquet.iter_batches(batch_size=chunk_rows):
                 yield pa.Table.from_batches([batch])
     except (pa.ArrowException, OSError) as e:
-        raise DadpoError(f"{source}: not a readable Parquet file ({_one_line(e)})") from None
+        raise DadpoError(f"{source}: not a readable Parquet file ({one_line(e)})") from None
 
 
 def _dataset_tables(path: Path, source: str, split: str | None, chunk_rows: int) -> Iterator[pa.Table]:
@@ -171,7 +188,7 @@ def _dataset_tables(path: Path, source: str, split: str | None, chunk_rows: int)
         what = "could not load the datasets folder" if saved else \
             "not a datasets.save_to_disk folder, and datasets.load_dataset could not load it" if path.is_dir() else \
             "no such file or folder, and datasets.load_dataset could not load it"
-        raise DadpoError(f"{source}: {what} ({type(e).__name__}: {_one_line(e)})") from None
+        raise DadpoError(f"{source}: {what} ({type(e).__name__}: {one_line(e)})") from None
     finally:
         hub_logger.setLevel(level)
     if isinstance(loaded, datasets.DatasetDict):

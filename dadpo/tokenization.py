@@ -33,7 +33,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, first_line, one_line
 
 RULE_VERSION = 2
 PROMPT_FORMATS = ("chat", "raw")  # how a string prompt is read: a user turn, or text ready for the model
@@ -59,11 +59,6 @@ def pair_responses(row: dict) -> tuple[Response, Response]:
                         row.get(f"{side}_finish_reason") or "stop")
 
     return response("chosen"), response("rejected")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -174,6 +169,7 @@ class ModelTokenizer:
     def render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
         """The chat template's text for `messages`, with this model's variables and pinned date.
         Any failure of the template (a refused system turn, roles that must alternate) is one line."""
+        _check_conversation(messages, where)
         variables = dict(self.template_kwargs)
         if self.date_dependent:
             variables["strftime_now"] = pinned_clock(self.template_date or today())
@@ -185,6 +181,8 @@ class ModelTokenizer:
                              f"({type(exc).__name__}: {first_line(exc)})") from None
 
     def encode_prompt(self, prompt: list[dict] | str, where: str) -> list[int]:
+        if not isinstance(prompt, str):
+            _check_conversation(prompt, where)
         if isinstance(prompt, list) and self.chat:
             text = self.render(prompt, True, where)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -282,6 +280,19 @@ class ModelTokenizer:
                                  "where an assistant turn ends cannot be found")
             self._after = list(self.tokenizer(text.split(_MARKER, 1)[1], add_special_tokens=False)["input_ids"])
         return self._after
+
+
+def _check_conversation(messages, where: str) -> None:
+    """What every template may take for granted: a list of {role, content} objects holding strings
+    (pairs.py makes them so; this guards every other caller)."""
+    if not isinstance(messages, list):
+        raise DadpoError(f"{where}: a prompt must be text or a list of {{role, content}} messages, "
+                         f"got {type(messages).__name__}")
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DadpoError(f"{where}: message {index} must be a {{role, content}} object holding strings, "
+                             f"got {one_line(repr(message), 80)}")
 
 
 def pad_id_of(tokenizer) -> int:

@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dadpo.engine import EngineOptions
 from dadpo.layout_checks import probe_pairs
-from dadpo.logprobs import HFScorer, ResponseLogprobs, collate, pair_sequences, score_pairs
+from dadpo.logprobs import ResponseLogprobs, collate, pair_sequences, score_pairs
 from dadpo.modeling import resolve_model
+from dadpo.scoring.hf import HFScorer
 from support import assert_logps_close, naive_logprob
 
 

@@ -25,7 +25,7 @@ from dadpo.errors import DadpoError
 from dadpo.engine import EngineOptions
 from dadpo.modeling import model_tokenizer, resolve_model
 from dadpo.tokenization import Response
-from dadpo.logprobs import HFScorer
+from dadpo.scoring.hf import HFScorer
 from dadpo.tiny import _FILLER, make_tiny_pairs
 
 TOLERANCE = 1e-4  # nats per sentence, fp32

@@ -28,7 +28,7 @@ from dadpo.cache import CacheTeacherConfig, cache_teacher, open_cache
 from dadpo.errors import DadpoError
 from dadpo.modeling import resolve_model
 from dadpo.engine import EngineOptions
-from dadpo.logprobs import HFScorer
+from dadpo.scoring.hf import HFScorer
 from dadpo.scoring.server import ServerScorer, probe_server
 from dadpo.tiny import make_tiny_pairs
 from dadpo.modeling import model_tokenizer

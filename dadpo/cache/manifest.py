@@ -16,7 +16,7 @@ from pathlib import Path
 from dadpo import __version__
 from dadpo.atomic import write_json_atomic, write_text_atomic
 from dadpo.cache.layout import DROPPED_NAME, MANIFEST_NAME, READABLE_SCHEMAS, SCHEMA_VERSION, shard_file
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, one_line
 from dadpo.specs import validate_json
 from dadpo.tokenization import RULE_VERSION
 
@@ -62,8 +62,8 @@ def model_records(manifest: dict) -> dict[str, dict]:
 def reuse_identity(record: dict) -> dict:
     """What must match for a model's cached scores to be copied into another cache (--reuse-from): the
     scores are keyed on the token ids, so the weights and how they ran decide, not the template."""
-    return {key: _guarded(record, key) for key in ("model", "revision", "weights_digest", "dtype", "backend",
-                                                   "backend_version", "fp32_head", "server")}
+    return {key: _field_for_comparison(record, key)
+            for key in ("model", "revision", "weights_digest", "dtype", "backend", "backend_version", "fp32_head", "server")}
 
 
 def differences(existing: dict, requested: dict) -> list[str]:
@@ -78,12 +78,12 @@ def differences(existing: dict, requested: dict) -> list[str]:
     if set(have) != set(want):
         found.append(f"models: {sorted(have)} in the cache, {sorted(want)} requested")
     for role in sorted(set(have) & set(want)):
-        found += [_differ(f"{role} {label}", _guarded(have[role], key), _guarded(want[role], key))
-                  for key, label in MODEL_GUARDED]
+        found += [_differ(f"{role} {label}", _field_for_comparison(have[role], key),
+                          _field_for_comparison(want[role], key)) for key, label in MODEL_GUARDED]
     return [line for line in found if line]
 
 
-def _guarded(record: dict, key: str):
+def _field_for_comparison(record: dict, key: str):
     # a served model is the same model wherever it is served from: its URL may change between runs
     value = record.get(key)
     return {k: v for k, v in value.items() if k != "url"} if key == "server" and isinstance(value, dict) else value
@@ -117,7 +117,7 @@ def read_manifest(cache_dir: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DadpoError(f"{path}: unreadable manifest ({' '.join(str(exc).split())})") from None
+        raise DadpoError(f"{path}: unreadable manifest ({one_line(exc)})") from None
     if not isinstance(manifest, dict):
         raise DadpoError(f"{path}: not a dadpo manifest (expected a JSON object)")
     version = manifest.get("schema_version")

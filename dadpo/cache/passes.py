@@ -37,15 +37,15 @@ import pyarrow.parquet as pq
 
 from dadpo import stop
 from dadpo.atomic import write_parquet_atomic
-from dadpo.cache.layout import REFERENCE, shard_file, work_path
+from dadpo.cache.layout import REFERENCE, shard_file, teacher_prefix, work_path
 from dadpo.cache.manifest import model_records, read_manifest, reuse_identity
 from dadpo.engine import EngineOptions
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, first_line
 from dadpo.modeling import ResolvedModel, model_tokenizer
 from dadpo.pairs import decode_prompt
 from dadpo.pairs_rows import RESPONSE_COLUMNS, SIDES
 from dadpo.runner import Progress
-from dadpo.tokenization import ModelTokenizer, first_line, length_rule, pair_responses
+from dadpo.tokenization import ModelTokenizer, length_rule, pair_responses
 
 _IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -350,7 +350,7 @@ class ReuseIndex:
             for role, old in model_records(manifest).items():
                 if reuse_identity(old) != want:
                     continue
-                prefix = REFERENCE if role == "reference" else "teacher" + role.removeprefix("teacher").replace(":", "_")
+                prefix = REFERENCE if role == "reference" else teacher_prefix(role.partition(":")[2])
                 for entry in manifest["shards"]:
                     file = Path(cache) / shard_file(entry["index"], manifest["num_shards"])
                     try:  # verified when the run started (cache-teacher's flag checks)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from dadpo.atomic import sha256_file, write_parquet_atomic
 from dadpo.cache.layout import REFERENCE, shard_columns, shard_file, teacher_prefix
 from dadpo.cache.manifest import missing_shards, read_manifest
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, one_line
 from dadpo.tokenization import legacy_digest
 
 _REPAIR = "re-run the cache-teacher command that made it to recompute it"
@@ -46,7 +46,7 @@ def check_shard(file: Path, entry: dict, manifest: dict) -> None:
         metadata = pq.ParquetFile(file).metadata
         schema = pq.read_schema(file)
     except (pa.ArrowException, OSError) as exc:
-        raise DadpoError(f"{file}: not a readable Parquet file ({' '.join(str(exc).split())})") from None
+        raise DadpoError(f"{file}: not a readable Parquet file ({one_line(exc)})") from None
     if metadata.num_rows != entry["rows"]:
         raise DadpoError(f"{file}: {metadata.num_rows} rows, the manifest says {entry['rows']}")
     for column, arrow_type in shard_columns(_teachers(manifest), manifest["schema_version"]).items():
@@ -168,8 +168,19 @@ class Cache:
         Python lists here). With verify, shards not yet checked are checked first."""
         if verify:
             self.verify()
-        frames = [pl.read_parquet(self.path / entry["file"], columns=columns) for entry in self.manifest["shards"]]
+        frames = [read_shard(self.path / entry["file"], columns) for entry in self.manifest["shards"]]
         return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
+
+
+def read_shard(file: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """One shard's rows, every value checked (a damaged page, text that is not UTF-8): the checksum
+    only tells that the file is the one recorded, not that it was whole when it was recorded."""
+    try:
+        table = pq.read_table(file, columns=columns)
+        table.validate(full=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise DadpoError(f"{file}: not a readable Parquet file ({one_line(exc)}); {_REPAIR}") from None
+    return pl.from_arrow(table)
 
 
 def open_cache(path: str | os.PathLike, flag: str = "--cache", verify: bool = True) -> Cache:
@@ -194,4 +205,4 @@ def open_cache(path: str | os.PathLike, flag: str = "--cache", verify: bool = Tr
     return cache
 
 
-__all__ = ["Cache", "open_cache", "check_shard", "assemble_shard", "teacher_prefix"]
+__all__ = ["Cache", "open_cache", "check_shard", "assemble_shard", "read_shard", "teacher_prefix"]

@@ -39,7 +39,7 @@ def require_lm_eval() -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    from dadpo.tokenization import first_line
+    from dadpo.errors import first_line
 
     return f"{type(exc).__name__}: {first_line(exc)}"
 

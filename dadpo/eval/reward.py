@@ -87,7 +87,8 @@ class RewardModel:
                  date: str | None = None):
         from dadpo.modeling import (_quiet_transformers, max_positions, model_tokenizer, refuse_remote_code,
                                     resolve_model, torch_dtype)
-        from dadpo.tokenization import check_date, first_line
+        from dadpo.errors import first_line
+        from dadpo.tokenization import check_date
 
         check_date(date)
         resolved = resolve_model(path, flag=FLAG)
@@ -129,7 +130,8 @@ class RewardModel:
         length, right-padded, and the padding never attended to. `ids` name the rows in error messages."""
         import torch
 
-        from dadpo.tokenization import first_line, pad_id_of
+        from dadpo.errors import first_line
+        from dadpo.tokenization import pad_id_of
 
         if len(prompts) != len(responses):
             raise DadpoError(f"{FLAG} {self.name}: {len(prompts)} prompts but {len(responses)} responses")

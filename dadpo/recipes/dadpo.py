@@ -22,6 +22,7 @@ import polars as pl
 import torch
 
 from dadpo.cache import Cache, open_cache
+from dadpo.cache.layout import teacher_prefix
 from dadpo.errors import DadpoError
 from dadpo.logprobs import ResponseBatch, collate, collate_pairs
 from dadpo.loss import METRIC_NAMES, LossOutput, check_betas, dadpo_loss, metric_sums
@@ -126,11 +127,6 @@ def pair_batch(rows: pl.DataFrame, pad_id: int, weights: dict[str, float], logp_
 
 
 # ---------------------------------------------------------------- what the cache provides
-
-
-def teacher_prefix(name: str) -> str:
-    """Shard column prefix of a teacher: "teacher" for the unnamed one, "teacher_NAME" otherwise."""
-    return "teacher" if not name else f"teacher_{name}"
 
 
 def cached_columns(cache: Cache) -> list[str]:

@@ -1,4 +1,4 @@
-"""Scoring backends behind one interface (dadpo.scoring.base.Scorer): hf (dadpo.logprobs), vllm (an
+"""Scoring backends behind one interface (dadpo.scoring.base.Scorer): hf (dadpo.scoring.hf), vllm (an
 offline engine) and server (an OpenAI-compatible vLLM server). Backends never tokenize: they get
 token ids made by dadpo.tokenization."""
 
@@ -45,7 +45,7 @@ def make_scorer(job, side):
         return ServerScorer(side.url, **job.server)
     resolved = ResolvedModel(side.name, side.local_path, side.revision)
     if job.backend == "hf":
-        from dadpo.logprobs import HFScorer
+        from dadpo.scoring.hf import HFScorer
 
         tokenizer = side.tokenizer(job.trust_remote_code).tokenizer
         return HFScorer(resolved, side.record["dtype"], job.engine, pad_id_of(tokenizer), job.trust_remote_code)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, one_line
 from dadpo.scoring.base import Scorer, TokenizedSequence
 from dadpo.scoring.client import Http, Refused, one_line
 

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dadpo.atomic import out_of_space, write_error, write_json_atomic
-from dadpo.errors import DadpoError
+from dadpo.errors import DadpoError, one_line
 from dadpo.training.run_folder import ADAPTER_DIR, CHECKPOINTS_DIR, MODEL_DIR
 
 STATE_FILE = "trainer_state.json"
@@ -85,7 +85,7 @@ def damage(checkpoint: Path) -> str | None:
             with safe_open(str(file), "pt") as handle:
                 list(handle.keys())
         except Exception as exc:  # missing, truncated or not safetensors
-            detail = "missing" if not file.exists() else " ".join(str(exc).split())
+            detail = "missing" if not file.exists() else one_line(exc)
             return f"{file}: {detail}"
     return None
 

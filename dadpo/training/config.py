@@ -15,7 +15,9 @@ from dadpo.options import REQUIRED, option
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 PREFIX_SHARING = ("auto", "on", "off")
-DEFAULT_CHUNK_TOKENS = 4096  # lm_head rows per chunk: 4096 tokens x 152k vocab x 4 bytes = 2.5 GB at most
+# lm_head rows per chunk (ResponseLogprobs): 4096 tokens x 152k vocab x 4 bytes is 2.5 GB at Qwen2.5
+# sizes, the most we are willing to hold at once.
+DEFAULT_CHUNK_TOKENS = 4096
 
 
 @dataclass(kw_only=True)

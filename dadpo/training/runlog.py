@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dadpo.atomic import write_text_atomic
 from dadpo.errors import DadpoError
-from dadpo.tokenization import first_line
+from dadpo.errors import first_line
 
 
 class RunLog:
