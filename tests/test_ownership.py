@@ -146,6 +146,15 @@ def test_cache_overwrite_never_removes_the_pairs_it_reads(pairs_file, models, tm
     result = run_cli(*cache_args(inside, models, out, "--overwrite"), env=ENV)
     assert_one_line_error(result, f"--out {out}", f"would remove {out / 'work'}", f"holds --pairs {inside}")
     assert snapshot(out) == before
+    # nor the teacher it scores with (NAME=FOLDER, as --teacher may name it)
+    teacher_inside = out / "work" / "teacher"
+    shutil.copytree(models["teacher"], teacher_inside)
+    before = snapshot(out)
+    args = cache_args(pairs_file, models, out, "--overwrite")
+    args[args.index(models["teacher"])] = f"big={teacher_inside}"
+    result = run_cli(*args, env=ENV)
+    assert_one_line_error(result, f"--out {out}", f"would remove {out / 'work'}", f"holds --teacher {teacher_inside}")
+    assert snapshot(out) == before
 
 
 # ---------------------------------------------------------------- generate --overwrite

@@ -220,6 +220,8 @@ def _refuse_unowned(out: Path, cfg: CacheTeacherConfig) -> None:
     # --overwrite removes shards/, work/, dropped_ids.txt and the manifest: only where a manifest that
     # reads as dadpo's says the folder is a cache, and never what this run reads
     reads = [("--pairs", cfg.pairs), ("--reference", cfg.reference)] + [("--reuse-from", old) for old in cfg.reuse_from]
+    reads += [("--teacher", spec.partition("=")[2] if "=" in spec and not Path(spec).exists() else spec)
+              for spec in cfg.teacher]
     ensure_owned(out, flag="--out", what="a dadpo cache", marker=MANIFEST_NAME,
                  parse=lambda path: read_manifest(path.parent), removes=[SHARDS_DIR, WORK_DIR, DROPPED_NAME,
                                                                          MANIFEST_NAME], protected=reads)
