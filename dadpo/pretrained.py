@@ -98,6 +98,7 @@ def _convert(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the GGUF reader's tensor-by-tensor bar
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -105,6 +106,9 @@ def _convert(gguf: Path, out: Path) -> None:
     except Exception as exc:  # the gguf package missing, a format transformers cannot read
         raise DadpoError(f"{gguf.name}: cannot convert to an HF model ({type(exc).__name__}: {exc}); "
                          "pip install gguf") from None
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     # The loaded model is marked GGUF-quantised and refuses to save; its weights are already
     # dequantised, so move them into a plain model of the same config.
     config = loaded.config

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import polars as pl
 import pytest
@@ -24,9 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dadpo.pretrained import layer_pruned
-from support import ENV, naive_logprob, run_cli, shard_rows, write_jsonl
-
-pytestmark = pytest.mark.vllm
+from support import ENV, REPO, naive_logprob, run_cli, shard_rows, write_jsonl
 
 PROMPTS = ["What is the capital of France? Answer in one short sentence.", "Say hello.", "Name one fruit.",
            "What is 2 plus 2? Reply with the number only.", "Give a one-word synonym for happy.",
@@ -44,6 +45,10 @@ PER_TOKEN_BOUND = {"hf": 1e-4, "vllm": 3e-3}
 VERIFY_MAX_DRIFT = 0.5  # nats per sequence: PER_TOKEN_BOUND["vllm"] x the longest sequence (~100 tokens) with margin
 
 
+# eager vLLM: graph compilation costs ~30 s of CPU per engine start and gains nothing on 8 prompts
+EAGER = ["--vllm-arg", "enforce_eager=true"]
+
+
 def _ok(result) -> str:
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     return result.stdout
@@ -59,14 +64,15 @@ def pipeline(vllm_ready, real_model, tmp_path_factory) -> dict:
 
     _ok(run_cli("generate", "--prompts", prompts, "--teacher", real_model, "--student", student, "--out",
                 paths["pairs.parquet"], "--backend", "vllm", "--dtype", "float32", "--temperature", 0,
-                "--max-new-tokens", MAX_NEW_TOKENS, "--max-model-len", 256, "--quiet", env=ENV))
+                "--max-new-tokens", MAX_NEW_TOKENS, "--max-model-len", 256, *EAGER, "--quiet"))
     _ok(run_cli("sft", "--pairs", paths["pairs.parquet"], "--model", student, "--out", paths["sft"], "--lr", "1e-4",
                 "--batch-size", 8, "--grad-accum", 1, "--max-steps", 4, "--eval-fraction", 0, "--quiet", env=ENV))
     reference = paths["sft"] / "model"
     for backend in ("vllm", "hf"):
         _ok(run_cli("cache-teacher", "--pairs", paths["pairs.parquet"], "--teacher", real_model, "--reference",
                     reference, "--out", paths[f"cache-{backend}"], "--backend", backend, "--dtype", "float32",
-                    "--max-length", 255, "--quiet", env=ENV))
+                    "--max-length", 255, *(EAGER if backend == "vllm" else []), "--quiet",
+                    env=None if backend == "vllm" else ENV))
     out["verify"] = _ok(run_cli("verify-cache", paths["cache-vllm"], "--teacher", "--sample", len(PROMPTS),
                                 "--max-drift", VERIFY_MAX_DRIFT, env=ENV))
     out["inspect"] = _ok(run_cli("inspect", paths["cache-vllm"], "--beta2", 0.1, env=ENV))
@@ -90,6 +96,7 @@ def test_the_model_has_its_own_template_and_stop_token(real_model, tokenizer):
     assert SYSTEM in tokenizer.chat_template  # a default system prompt this project did not write
 
 
+@pytest.mark.vllm
 def test_prompts_and_end_of_turn_are_scored_as_the_model_emits_them(pipeline, tokenizer):
     pairs = pl.read_parquet(pipeline["paths"]["pairs.parquet"]).sort("id")
     rows = shard_rows(pipeline["paths"]["cache-vllm"]).sort("id")
@@ -133,6 +140,7 @@ def independent_sums(pipeline, real_model) -> dict:
     return sums
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
 def test_cached_sums_agree_with_hf_float32(pipeline, independent_sums, backend):
     rows = shard_rows(pipeline["paths"][f"cache-{backend}"]).sort("id")
@@ -151,12 +159,14 @@ def test_cached_sums_agree_with_hf_float32(pipeline, independent_sums, backend):
     print(f"{backend} cache vs HF float32: largest |delta| per token {worst:.3g} nats")
 
 
+@pytest.mark.vllm
 def test_verify_cache_measures_the_vllm_drift(pipeline):
     lines = [line for line in pipeline["verify"].splitlines() if "per token" in line]
     assert len(lines) == 2 and lines[0].startswith("reference") and lines[1].startswith("teacher"), pipeline["verify"]
     assert all(f"{len(PROMPTS)} pairs" in line for line in lines)
 
 
+@pytest.mark.vllm
 def test_inspect_shows_the_teacher_term(pipeline):
     rows = shard_rows(pipeline["paths"]["cache-vllm"])
     gaps = sorted(abs((r["ref_logp_chosen"] - r["ref_logp_rejected"]) - (r["teacher_logp_chosen"] -
@@ -167,6 +177,7 @@ def test_inspect_shows_the_teacher_term(pipeline):
     assert found and f"{median:.3g} nats" in found[0] and f"{1 / median:.3g} keeps" in found[0], pipeline["inspect"]
 
 
+@pytest.mark.vllm
 def test_training_from_the_real_cache_lowers_the_loss(pipeline):
     run = pipeline["paths"]["run"]
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -177,3 +188,19 @@ def test_training_from_the_real_cache_lowers_the_loss(pipeline):
     assert start["pairs"] == len(PROMPTS)
     trained = AutoModelForCausalLM.from_pretrained(run / "model")
     assert trained.config.num_hidden_layers == len(KEEP_LAYERS)
+
+
+@pytest.mark.parametrize("ci", ["", "1"])
+def test_without_the_weights_the_fixture_skips_but_fails_under_ci(tmp_path, ci):
+    """The real_model fixture with a model cache that cannot be created: a skip, and under CI a failure."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                     "from conftest import real_model  # noqa: F401  (the fixture under test)\n\n\n"
+                     "def test_probe(real_model):\n    pass\n")
+    env = {**os.environ, "DADPO_MODEL_CACHE": "/dev/null/models", "CI": ci}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", str(probe)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    if ci:
+        assert result.returncode == 1 and "1 error" in result.stdout and "CI is set" in result.stdout, result.stdout
+    else:
+        assert result.returncode == 0 and "1 skipped" in result.stdout and "/dev/null" in result.stdout, result.stdout
