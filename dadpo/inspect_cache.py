@@ -11,6 +11,10 @@ distributions of the per-pair margins the loss is built from:
 With beta1 = 0 (rDPO) the policy must push h_policy past h_te; d_te shows how far that is from
 where the reference starts. A long right tail of h_te usually means truncated or degenerate
 student responses.
+
+The teacher term's size (dadpo.loss.teacher_term_scale): training starts at h_policy = h_ref, where
+u = beta2 * (h_ref - h_te) = -beta2 * d_te; the report gives the median |d_te| and the beta2 that
+makes |u| = 1 for the median pair, and with a beta2 the median |u| and step 0's loss.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import numpy as np
 from dadpo.atomic import write_atomic
 from dadpo.cache import open_cache
 from dadpo.cache.layout import REFERENCE, teacher_prefix
+from dadpo.errors import DadpoError
+from dadpo.loss import TeacherTermScale, teacher_term_scale
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
@@ -63,13 +69,17 @@ class CacheReport:
     tokens: dict  # column prefix (teacher, teacher_NAME, ref) -> {"chosen": total, "rejected": total}
     margins: dict  # "h_ref", then "h_te", "d_te" per teacher ("h_te[NAME]", "d_te[NAME]") -> Distribution
     values: dict  # the same names -> np.ndarray, for plotting
+    teacher_terms: dict  # teacher name -> TeacherTermScale (dadpo.loss.teacher_term_scale)
 
     @property
     def teacher(self) -> str:
         return ", ".join(f"{name}={model}" if name else model for name, model in self.teachers.items()) or "none"
 
 
-def inspect_cache(path: str | os.PathLike) -> CacheReport:
+def inspect_cache(path: str | os.PathLike, beta2: float | None = None) -> CacheReport:
+    """The report of the cache at `path`; with `beta2`, also how big the teacher term is for it."""
+    if beta2 is not None and not (math.isfinite(beta2) and beta2 >= 0):
+        raise DadpoError(f"--beta2 {beta2}: must be a finite number >= 0")
     cache = open_cache(path, flag="CACHE")
     prefixes = [teacher_prefix(name) for name in cache.teachers] + [REFERENCE]
     frame = cache.read([f"{p}_{kind}_{side}" for p in prefixes for kind in ("logp", "ntok")
@@ -84,7 +94,8 @@ def inspect_cache(path: str | os.PathLike) -> CacheReport:
     manifest = cache.manifest
     return CacheReport(str(path), {name: record["model"] for name, record in cache.teachers.items()},
                        cache.reference["model"], frame.height, manifest["pairs"]["rows"], manifest["totals"]["dropped"],
-                       tokens, {name: Distribution.of(v) for name, v in values.items()}, values)
+                       tokens, {name: Distribution.of(v) for name, v in values.items()}, values,
+                       {name: teacher_term_scale(h_ref, h, beta2) for name, h in h_te.items()})
 
 
 def format_report(report: CacheReport) -> str:
@@ -113,7 +124,22 @@ def format_report(report: CacheReport) -> str:
           f"{_share(report.values[f'h_te{_suffix(name)}'] > 0)}" for name in report.teachers],
         f"  pairs where the reference prefers the teacher's response (h_ref > 0): {_share(report.values['h_ref'] > 0)}",
     ]
+    if report.teacher_terms:
+        lines += ["", "  teacher term where training starts (policy = reference): u = beta2*(h_ref - h_te)"]
+        lines += [_teacher_term_line(name, scale) for name, scale in report.teacher_terms.items()]
     return "\n".join(lines)
+
+
+def _teacher_term_line(name: str, scale: TeacherTermScale) -> str:
+    label = f"teacher {name}: " if name else ""
+    line = (f"    {label}median |h_ref - h_te| = {_num(scale.median_gap, 0)} nats; "
+            f"beta2 = {_num(scale.beta2_for_unit, 0)} keeps |beta2*(h_ref - h_te)| near 1 for the median pair")
+    if scale.beta2 is not None:
+        line += (f"\n    {label}with beta2 = {scale.beta2:g}: median |beta2*(h_ref - h_te)| = "
+                 f"{_num(scale.median_term, 0)}, step-0 loss {_num(scale.start_loss, 0)}")
+        if scale.median_term is not None and scale.median_term > 1:
+            line += " (above 1 the teacher term swamps the reference term)"
+    return line
 
 
 def _num(value: float, width: int = 9) -> str:

@@ -20,6 +20,7 @@ recipe) forms that mean; this function takes the one teacher log-prob it gives.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -121,3 +122,74 @@ def loss_metrics(out: LossOutput) -> dict[str, float]:
     if count == 0:
         raise DadpoError("loss_metrics got an empty batch")
     return {name: total / count for name, total in sums.items()}
+
+
+# ---------------------------------------------------------------- how big the teacher term is
+
+# train warns when the first step's teacher term is this many times the larger of the reference
+# term and 1 (see teacher_dominates).
+TEACHER_DOMINANCE = 5.0
+
+
+@dataclass(frozen=True)
+class TeacherTermScale:
+    """How big the teacher term is at the start of training, over a set of pairs (teacher_term_scale)."""
+
+    pairs: int  # pairs with finite margins
+    median_gap: float  # median over pairs of |h_ref - h_te| (nats)
+    beta2_for_unit: float  # 1 / median_gap: the beta2 with |beta2 * (h_ref - h_te)| = 1 for the median pair
+    beta2: float | None  # the beta2 asked about, if any; then:
+    median_term: float | None  # median over pairs of |beta2 * (h_ref - h_te)| = beta2 * median_gap
+    start_loss: float | None  # mean over pairs of -log sigmoid(beta2 * (h_ref - h_te)): step 0's loss
+
+
+def teacher_term_scale(h_ref, h_teacher, beta2: float | None = None) -> TeacherTermScale:
+    """The size of the teacher term where training starts, from a cache's margins alone.
+
+    Training starts from the reference (h_policy = h_ref), so there the reference term is 0 and
+
+        u_i = beta2 * (h_ref,i - h_te,i)                  per pair i
+        median_gap     = median_i |h_ref,i - h_te,i|
+        beta2_for_unit = 1 / median_gap                    (|u| = 1 for the median pair)
+        median_term    = median_i |beta2 * (h_ref,i - h_te,i)| = beta2 * median_gap
+        start_loss     = mean_i -log sigmoid(beta2 * (h_ref,i - h_te,i))
+
+    Where |u| >> 1 the loss is ~|u| and the sigmoid is saturated: every pair gets the same gradient
+    weight and the teacher term swamps the reference term. h_ref, h_teacher: 1-D arrays or tensors
+    (pairs whose margins are not finite are left out); beta2=None gives only the first two numbers.
+    """
+    h_ref = np.asarray(h_ref, dtype=np.float64)
+    h_teacher = np.asarray(h_teacher, dtype=np.float64)
+    if h_ref.shape != h_teacher.shape or h_ref.ndim != 1:
+        raise DadpoError(f"teacher_term_scale: h_ref and h_teacher must be 1-D of one length, got "
+                         f"{h_ref.shape} and {h_teacher.shape}")
+    gap = h_ref - h_teacher
+    gap = gap[np.isfinite(gap)]
+    median_gap = float(np.median(np.abs(gap))) if gap.size else math.nan
+    beta2_for_unit = (1.0 / median_gap if median_gap > 0 else math.inf) if gap.size else math.nan
+    median_term = start_loss = None
+    if beta2 is not None:
+        median_term = beta2 * median_gap
+        start_loss = float(np.mean(np.logaddexp(0.0, -beta2 * gap))) if gap.size else math.nan  # -log sigmoid(x)
+    return TeacherTermScale(int(gap.size), median_gap, beta2_for_unit, beta2, median_term, start_loss)
+
+
+def term_sizes(h_policy: torch.Tensor, h_ref: torch.Tensor, h_teacher: torch.Tensor, beta1: float,
+               beta2: float) -> tuple[float, float]:
+    """(reference term, teacher term): the means over pairs of the sizes of u's two parts,
+
+        reference term = mean_i |beta1 * (h_policy,i - h_ref,i)|
+        teacher term   = mean_i |beta2 * (h_policy,i - h_teacher,i)|
+    """
+    h_policy, h_ref, h_teacher = (t.detach().double() for t in (h_policy, h_ref, h_teacher))
+    return (float((beta1 * (h_policy - h_ref)).abs().mean()), float((beta2 * (h_policy - h_teacher)).abs().mean()))
+
+
+def teacher_dominates(reference_term: float, teacher_term: float) -> bool:
+    """The rule train warns by: teacher term > TEACHER_DOMINANCE * max(reference term, 1).
+
+    The floor of 1 is the sigmoid's own scale: at step 0 the policy is the reference, so the
+    reference term is ~0 and a teacher term below a few nats still leaves the loss informative;
+    above it the loss is ~|u| and the pairs no longer weigh differently.
+    """
+    return teacher_term > TEACHER_DOMINANCE * max(reference_term, 1.0)

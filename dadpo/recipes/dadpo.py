@@ -25,7 +25,8 @@ from dadpo.cache import Cache, open_cache
 from dadpo.cache.layout import teacher_prefix
 from dadpo.errors import DadpoError
 from dadpo.logprobs import ResponseBatch, collate, collate_pairs
-from dadpo.loss import METRIC_NAMES, LossOutput, check_betas, dadpo_loss, metric_sums
+from dadpo.loss import (METRIC_NAMES, TEACHER_DOMINANCE, LossOutput, check_betas, dadpo_loss, metric_sums,
+                        teacher_dominates, teacher_term_scale, term_sizes)
 from dadpo.modeling import ResolvedModel, load_tokenizer, resolve_model
 from dadpo.config import LOGP_NORMS, TrainConfig
 from dadpo.tokenization import pad_id_of
@@ -83,9 +84,14 @@ def train(cfg: TrainConfig) -> dict:
 
     # 3. the steps
     for step in trainer.steps(train_rows, make_batch):
+        first_step = []  # the first step's outputs (this process's pairs), for the teacher-term warning
         for batch in trainer.accumulate(step):
             out = batch_loss(trainer.policy, batch, cfg, trainer.device)
+            if step.index == 0:
+                first_step.append(out)
             trainer.backward(out.losses.sum(), step.normalizer, metric_sums(out), batch.responses.num_tokens)
+        if first_step and (warning := teacher_term_warning(first_step, cfg.beta1, cfg.beta2)):
+            trainer.say(warning)
         trainer.optimizer_step(per_item_means, evaluate)
 
     # 4. eval and save
@@ -101,6 +107,23 @@ def batch_loss(policy, batch: PairBatch, cfg, device) -> LossOutput:
     ref, teacher = batch.ref_logp.to(device), batch.teacher_logp.to(device)
     return dadpo_loss(logps[:n] / divisor[:, 0], logps[n:] / divisor[:, 1], ref[:, 0], ref[:, 1],
                       teacher[:, 0], teacher[:, 1], cfg.beta1, cfg.beta2)
+
+
+def teacher_term_warning(outs: list[LossOutput], beta1: float, beta2: float) -> str | None:
+    """One line when the first step's loss is dominated by the teacher term (dadpo.loss.teacher_dominates:
+    mean |beta2*(h_policy - h_teacher)| > 5 x max(mean |beta1*(h_policy - h_ref)|, 1)), else None."""
+    if beta2 == 0:
+        return None
+    h_policy, h_ref, h_teacher = (torch.cat([getattr(out, name) for out in outs])
+                                  for name in ("h_policy", "h_ref", "h_teacher"))
+    reference, teacher = term_sizes(h_policy, h_ref, h_teacher, beta1, beta2)
+    if not teacher_dominates(reference, teacher):
+        return None
+    # the beta2 at which the median pair's |beta2*(h_policy - h_teacher)| is 1 (h_policy in h_ref's place)
+    unit = teacher_term_scale(h_policy.cpu(), h_teacher.cpu()).beta2_for_unit
+    return (f"warning: the teacher term dominates step 1's loss: mean |beta2*(h_policy - h_teacher)| = {teacher:.3g} "
+            f"> {TEACHER_DOMINANCE:g} x max(mean |beta1*(h_policy - h_ref)| = {reference:.3g}, 1); "
+            f"--beta2 {unit:.3g} keeps it near 1 for the median pair (dadpo inspect CACHE --beta2 B)")
 
 
 def pair_batch(rows: pl.DataFrame, pad_id: int, weights: dict[str, float], logp_norm: str, *, shared: bool,
