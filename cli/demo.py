@@ -6,7 +6,8 @@ import click
 
 
 @click.command("demo")
-@click.option("--workdir", default="dadpo-demo", show_default=True, help="Folder for the models, pairs, cache and run.")
+@click.option("--workdir", default="dadpo-demo", show_default=True,
+              help="Folder for the models, pairs, cache, run and eval.")
 @click.option("--backend", default="auto", show_default=True, help="Scoring backend: auto, hf or vllm.")
 @click.option("--pairs", "num_pairs", type=int, default=96, show_default=True, help="Synthetic pairs to make.")
 @click.option("--progress", is_flag=True, help="Show progress bars.")
@@ -14,7 +15,8 @@ def demo_command(workdir, backend, num_pairs, progress):
     """Run the whole pipeline on tiny local models (no network, a few minutes on a laptop CPU).
 
     Builds a tiny teacher and student with different tokenizers and chat templates, makes
-    synthetic pairs, runs cache-teacher and train exactly as the commands do, and says what
+    synthetic pairs, runs cache-teacher, train and eval (answer match on held-out prompts: the
+    student before and after daDPO against the teacher) exactly as the commands do, and says what
     happened.
     """
     import os

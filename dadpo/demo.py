@@ -3,8 +3,9 @@
 Builds a tiny reasoning teacher (Llama, byte-level BPE, a ChatML template whose generation prompt
 opens <think> as DeepSeek-R1 distills do) and a tiny student (Qwen3, Metaspace BPE, zephyr-style
 template) with different tokenizers, writes synthetic pairs whose teacher responses carry
-reasoning, caches the teacher and reference log-probs, and trains the student from the cache.
-Needs no network.
+reasoning, caches the teacher and reference log-probs, trains the student from the cache, and
+ends with `dadpo eval --judge answer` on held-out prompts of the same task: the student before
+training (the reference) and after daDPO, against the teacher. Needs no network.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from typing import Callable
 
 from dadpo.atomic import write_atomic
 from dadpo.cache import cache_teacher
-from dadpo.config import CacheTeacherConfig, TrainConfig
+from dadpo.config import CacheTeacherConfig, EvalConfig, TrainConfig
 from dadpo.engine import EngineOptions
+from dadpo.eval.report import render_table
+from dadpo.eval.run import evaluate
 from dadpo.recipes.dadpo import train
-from dadpo.tiny import build_demo_models, make_tiny_pairs
+from dadpo.tiny import build_demo_models, make_tiny_pairs, make_tiny_prompts
 
 
 def run_demo(workdir: str | Path, backend: str = "auto", num_pairs: int = 96, say: Callable[[str], None] = print,
-             progress: bool = False) -> dict:
+             progress: bool = False, num_prompts: int = 24) -> dict:
     workdir = Path(workdir)
     started = time.monotonic()
     teacher_dir, student_dir = build_demo_models(workdir / "models")
@@ -60,5 +63,24 @@ def run_demo(workdir: str | Path, backend: str = "auto", num_pairs: int = 96, sa
         f"{steps[-1]['loss']:.4f}, reward accuracy {steps[0]['reward_accuracy']:.2f} -> "
         f"{steps[-1]['reward_accuracy']:.2f}, eval loss {result['eval'].get('eval_loss', float('nan')):.4f}")
     say(f"5. student checkpoint: {result['model_dir']} (AutoModelForCausalLM.from_pretrained loads it); "
-        f"metrics: {run_dir / 'metrics.jsonl'}. Done in {time.monotonic() - started:.0f} s.")
-    return {"cache": summary, "train": result, "steps": steps}
+        f"metrics: {run_dir / 'metrics.jsonl'}")
+
+    prompts_file = workdir / "heldout.jsonl"
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in make_tiny_prompts(num_prompts, seed=1))
+    write_atomic(prompts_file, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    eval_dir = workdir / "eval"
+    eval_lines: list[str] = []  # evaluate's own lines; the demo prints the table once, below
+    summary_eval = evaluate(EvalConfig(
+        prompts=str(prompts_file), baseline=f"teacher={teacher_dir}", out=str(eval_dir), judge="answer",
+        model=[f"reference={student_dir}", f"dadpo={result['model_dir']}"],
+        # in-process HF: a few dozen short greedy answers of tiny models take less than one vLLM engine start
+        backend="hf", dtype="float32", max_new_tokens=32, temperature=0.0, overwrite=True, progress=progress,
+    ), say=eval_lines.append)
+    say(f"6. eval --judge answer: {num_prompts} held-out prompts of the same task ({prompts_file}), greedy, "
+        "the student before training (reference) and after daDPO (dadpo) against the teacher. The tiny models "
+        "have random weights, so accuracy near 0% is the expected, honest result; with real models this table "
+        "answers whether the student got better.")
+    say(render_table(summary_eval).rstrip("\n"))
+    say(f"eval folder: {eval_dir} (summary.json, summary.md, judgments.parquet, responses/). "
+        f"Done in {time.monotonic() - started:.0f} s.")
+    return {"cache": summary, "train": result, "steps": steps, "eval": summary_eval}

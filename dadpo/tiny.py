@@ -453,3 +453,17 @@ def make_tiny_pairs(n: int, seed: int = 0, reasoning: bool = False) -> list[dict
             row[column] = [{"role": "assistant", "content": text}] if rng.random() < 0.4 else text
         pairs.append(row)
     return pairs
+
+
+def make_tiny_prompts(n: int, seed: int = 1) -> list[dict]:
+    """Held-out prompts of make_tiny_pairs' task with their answers: {id, prompt (one user turn), answer}.
+
+    The same task generator drawn from its own seed (make_tiny_pairs' demo pairs use seed 0), so an
+    eval asks new draws of the task; with few task kinds and words, some questions recur.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        question, good, _ = _task(rng)
+        rows.append({"id": f"heldout-{seed}-{i:05d}", "prompt": question, "answer": good})
+    return rows
