@@ -362,11 +362,6 @@ def judged(summary: dict, name: str) -> dict:
             "wins": stats["win"] / n, "losses": stats["loss"] / n, "ties": stats["tie"] / n}
 
 
-def mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else float("nan")
-
-
 # ---------------------------------------------------------------- results
 
 
