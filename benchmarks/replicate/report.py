@@ -51,14 +51,15 @@ def render_results(results: dict) -> str:
     command = results.get("command") or f"python benchmarks/replicate/run.py --out DIR" \
         f"{' --quick' if results.get('quick') else ''}"
     overrides = results.get("overrides") or []
+    rule = results.get("tokenization_rule", "?")
     lines = [
         "# Micro-scale replication of daDPO's pruned-student experiment",
         "",
         f"Produced by `{command}`"
         + (f" (settings changed from run.py's FULL: {', '.join(f'`--set {o}`' for o in overrides)})" if overrides
            else "")
-        + f", tokenization rule {results.get('tokenization_rule', '?')} (data_specs/tokenization.v"
-        f"{results.get('tokenization_rule', '?')}.md).{state} Wall time **{results['wall_seconds'] / 60:.1f} min**{teacher_note} on this machine (2 CPU cores "
+        + f", tokenization rule {rule} (data_specs/tokenization.v{rule}.md).{state} Wall time "
+        f"**{results['wall_seconds'] / 60:.1f} min**{teacher_note} on this machine (2 CPU cores "
         f"shared with other work; {results.get('workers', 1)} worker processes of one thread each). Minutes per "
         f"stage ({'summed over workers' if results.get('workers', 1) > 1 else 'sequential'} where marked): {stages}.",
         "",
@@ -116,7 +117,8 @@ def render_results(results: dict) -> str:
         ]
         for method, rows in grouped.items():
             lines.append(f"| {method} | {_pm([r['accuracy'] for r in rows])} | {_pm([r['win_rate'] for r in rows])} "
-                         f"| {_interval(rows)} | {_pm([r['wins'] for r in rows])} | {_pm([r['losses'] for r in rows])} |")
+                         f"| {_interval(rows)} | {_pm([r['wins'] for r in rows])} "
+                         f"| {_pm([r['losses'] for r in rows])} |")
         if grouped:
             pairs = [rows[0]["pairs"] for rows in grouped.values()][0]
             lines += ["", f"Pairs (seed {seeds[0]}): {pairs['rows']} generated; responses correct: teacher "
