@@ -20,6 +20,15 @@ def _pm(values: list[float]) -> str:
     return f"{m * 100:.1f} ± {s * 100:.1f}"
 
 
+def _interval(rows: list[dict]) -> str:
+    """The mean over seeds of each seed's bootstrap 95% bounds (eval's ci95 over the held-out prompts):
+    the interval one run of this setting gets, not an interval of the seed mean."""
+    bounds = [r["ci95"] for r in rows if r.get("ci95")]
+    if not bounds:
+        return "-"
+    return f"[{statistics.fmean(b[0] for b in bounds) * 100:.1f}, {statistics.fmean(b[1] for b in bounds) * 100:.1f}]"
+
+
 def _order(method: str) -> tuple:
     family = method.split(" ")[0]
     return ({"dSFT": 0, "dDPO": 1, "rDPO": 2, "daDPO": 3}.get(family, 4), method)
@@ -39,11 +48,18 @@ def render_results(results: dict) -> str:
     state = "" if results.get("complete") else " **INCOMPLETE: the run was still going or stopped early.**"
     stages = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in results["stage_seconds"].items())
     teacher_note = " (teacher reused from an earlier run: --reuse-teacher)" if results.get("reused_teacher") else ""
+    command = results.get("command") or f"python benchmarks/replicate/run.py --out DIR" \
+        f"{' --quick' if results.get('quick') else ''}"
+    overrides = results.get("overrides") or []
+    rule = results.get("tokenization_rule", "?")
     lines = [
         "# Micro-scale replication of daDPO's pruned-student experiment",
         "",
-        f"Produced by `python benchmarks/replicate/run.py --out DIR{' --quick' if results.get('quick') else ''}`."
-        f"{state} Wall time **{results['wall_seconds'] / 60:.1f} min**{teacher_note} on this machine (2 CPU cores "
+        f"Produced by `{command}`"
+        + (f" (settings changed from run.py's FULL: {', '.join(f'`--set {o}`' for o in overrides)})" if overrides
+           else "")
+        + f", tokenization rule {rule} (data_specs/tokenization.v{rule}.md).{state} Wall time "
+        f"**{results['wall_seconds'] / 60:.1f} min**{teacher_note} on this machine (2 CPU cores "
         f"shared with other work; {results.get('workers', 1)} worker processes of one thread each). Minutes per "
         f"stage ({'summed over workers' if results.get('workers', 1) > 1 else 'sequential'} where marked): {stages}.",
         "",
@@ -72,10 +88,16 @@ def render_results(results: dict) -> str:
         "log-prob sums): beta2 = 0 is dDPO, beta1 = 0 is rDPO, both > 0 is daDPO.",
         "- Seeds change the sampled pairs and the data order of dSFT and DPO; the teacher and the pruned students "
         "are the same for every seed.",
-        "- Evaluation: greedy decoding on the held-out prompts; accuracy = exact match. Win rate against the "
-        "teacher = (student right where the teacher is wrong) - (teacher right where the student is wrong), over "
-        "all prompts (0 = on par with the teacher). With exactly checkable answers this equals the accuracy "
-        "difference to the teacher; the wins and losses columns show its two parts.",
+        "- Evaluation: `dadpo eval --judge answer` (the library call `dadpo.eval.run.evaluate`) on the "
+        f"{settings['test_prompts']} held-out prompts, greedy, baseline = the teacher, one model per student "
+        "(pruned + recovery, dSFT, every sweep point). Accuracy = the share of exact answers (eval's `accuracy`; "
+        "the teacher's is `baseline_accuracy`). Per prompt the student wins when only its answer is right, loses "
+        "when only the teacher's is, else ties; eval's win rate = (wins + ties/2) / prompts, in [0, 100] here with "
+        "**50 = on par with the teacher** (the earlier RESULTS.md used (wins - losses) / prompts, 0 = on par: "
+        "that is 2 x (this rate - 50)). With exactly checkable answers the rate is 50 + (accuracy - teacher "
+        "accuracy) / 2; the wins and losses columns show its two parts. The 95% interval is eval's bootstrap "
+        "over prompts (`ci95` in summary.json); rows over seeds give the **mean over seeds of each seed's "
+        "bounds** (the interval of a single run of that setting, not of the seed mean).",
         "",
         "## Results (% of held-out prompts, mean ± sd over seeds)",
         "",
@@ -87,15 +109,16 @@ def render_results(results: dict) -> str:
             f"({student['heads']} of {student['teacher_heads']} heads, MLP {student['intermediate_size']} of "
             f"{student['teacher_intermediate_size']} per layer)",
             "",
-            "| model | accuracy | win rate vs teacher | wins | losses |",
-            "|---|---|---|---|---|",
-            f"| teacher | {results['teacher']['accuracy'] * 100:.1f} | 0 | - | - |",
+            "| model | accuracy | win rate vs teacher | its 95% interval | wins | losses |",
+            "|---|---|---|---|---|---|",
+            f"| teacher | {results['teacher']['accuracy'] * 100:.1f} | (baseline) | - | - | - |",
             f"| student: pruned + recovery | {student['accuracy'] * 100:.1f} | {student['win_rate'] * 100:.1f} | "
-            f"{student['wins'] * 100:.1f} | {student['losses'] * 100:.1f} |",
+            f"{_interval([student])} | {student['wins'] * 100:.1f} | {student['losses'] * 100:.1f} |",
         ]
         for method, rows in grouped.items():
             lines.append(f"| {method} | {_pm([r['accuracy'] for r in rows])} | {_pm([r['win_rate'] for r in rows])} "
-                         f"| {_pm([r['wins'] for r in rows])} | {_pm([r['losses'] for r in rows])} |")
+                         f"| {_interval(rows)} | {_pm([r['wins'] for r in rows])} "
+                         f"| {_pm([r['losses'] for r in rows])} |")
         if grouped:
             pairs = [rows[0]["pairs"] for rows in grouped.values()][0]
             lines += ["", f"Pairs (seed {seeds[0]}): {pairs['rows']} generated; responses correct: teacher "
@@ -178,7 +201,9 @@ def claims(results: dict) -> list[str]:
             f"{float(level):.0%} pruning {rdpo_gap[level][0] * 100:+.1f} points" for level in levels)
             + "; its worst setting against dSFT: " + ", ".join(
             f"{float(level):.0%} pruning {rdpo_gap[level][1] * 100:+.1f}" for level in levels) + " points.")
-    return summary(tally, rdpo_gap, dpo_vs_sft) + out + ["", "## What this does and does not show", ""] + CAVEATS
+    seeds = len({row["seed"] for row in runs})
+    return (summary(tally, rdpo_gap, dpo_vs_sft) + out + ["", "## What this does and does not show", ""]
+            + CAVEATS + [SEEDS_CAVEAT.format(seeds=seeds)])
 
 
 def summary(tally: dict, rdpo_gap: dict, dpo_vs_sft: dict) -> list[str]:
@@ -234,9 +259,9 @@ CAVEATS = [
     "- Students share the teacher's tokenizer and chat template (as pruned students do); the pipeline itself does "
     "not need that (each model is tokenized with its own template). Pruning is by weight norms, not "
     "LLM-Pruner's gradient-based importance, and the recovery fine-tune uses ground truth.",
-    "- Seeds vary the sampled pairs and the data order, not the teacher or the pruning; the sd columns are "
-    "over 5 seeds and understate the variation a different teacher would bring.",
 ]
+SEEDS_CAVEAT = ("- Seeds vary the sampled pairs and the data order, not the teacher or the pruning; the sd columns are "
+                "over {seeds} seeds and understate the variation a different teacher would bring.")
 
 
 def main() -> None:

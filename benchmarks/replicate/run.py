@@ -16,8 +16,10 @@ Every model step goes through dadpo's own library calls (the code behind the CLI
        dadpo generate       again with the dSFT student (on-policy rejects; rejected_from="dsft")
        dadpo cache-teacher  teacher and reference log-probs, once (ties, chosen == rejected, left out)
        dadpo sweep          beta1 x beta2 grid: dDPO (beta2 = 0), rDPO (beta1 = 0), daDPO (both > 0)
-  5. evaluation on held-out prompts, greedy (dadpo.sampling): exact accuracy, and win rate against
-     the teacher = ((student right, teacher wrong) - (teacher right, student wrong)) / prompts.
+  5. evaluation: `dadpo eval --judge answer` (dadpo.eval.run.evaluate) on held-out prompts, greedy,
+     baseline = the teacher, one --model per student (pruned + recovery, dSFT, every sweep point):
+     exact accuracy, and eval's win rate against the teacher = (win + tie/2) / prompts with its
+     bootstrap 95% interval (win: only the student right, loss: only the teacher; 0.5 = on par).
   6. OUT/results.json and OUT/RESULTS.md (mean +- sd over seeds, the paper's claims checked);
      --write-results also writes them next to this script.
 """
@@ -90,24 +92,27 @@ def main() -> None:
             teacher = Path(args.reuse_teacher) / "teacher" / "model"
         else:
             teacher = train_teacher(out, data, settings)
-    with timed(timings, "evaluate"):
-        teacher_correct = evaluate(teacher, data["test"])
-    log(f"teacher greedy accuracy {mean(teacher_correct):.3f} on {len(data['test'])} held-out prompts")
+    from dadpo.tokenization import RULE_VERSION
 
-    results = {"settings": settings, "teacher": {"accuracy": mean(teacher_correct)}, "students": {}, "runs": [],
-               "workers": args.workers, "reused_teacher": bool(args.reuse_teacher)}
-    students = {}
+    results = {"settings": settings, "teacher": {}, "students": {}, "runs": [], "workers": args.workers,
+               "reused_teacher": bool(args.reuse_teacher), "tokenization_rule": RULE_VERSION,
+               "command": "python benchmarks/replicate/run.py " + " ".join(sys.argv[1:]), "overrides": args.overrides}
+    students, prunings = {}, {}
     for level in settings["levels"]:
         with timed(timings, "prune + recovery"):
-            students[level], pruning = make_student(out, teacher, data, level, settings)
-        with timed(timings, "evaluate"):
-            pruned_correct = evaluate(students[level], data["test"])
+            students[level], prunings[level] = make_student(out, teacher, data, level, settings)
+    with timed(timings, "evaluate"):
+        summary = evaluate(out / "eval", teacher, {student_name(level): students[level] for level in students},
+                           data["test_file"], len(data["test"]))
+    results["teacher"]["accuracy"] = summary["baseline_accuracy"]
+    log(f"teacher greedy accuracy {summary['baseline_accuracy']:.3f} on {len(data['test'])} held-out prompts")
+    for level, pruning in prunings.items():
+        row = judged(summary, student_name(level))
         log(f"pruned {level:.0%}: {pruning['removed']:.1%} of the non-embedding weights removed "
             f"({pruning['heads']} of {pruning['teacher_heads']} heads, MLP {pruning['intermediate_size']} of "
             f"{pruning['teacher_intermediate_size']} neurons per layer), "
-            f"accuracy after recovery {mean(pruned_correct):.3f}")
-        results["students"][str(level)] = {**pruning, "accuracy": mean(pruned_correct),
-                                           **win_rate(pruned_correct, teacher_correct)}
+            f"accuracy after recovery {row['accuracy']:.3f}")
+        results["students"][str(level)] = {**pruning, **row}
 
     # Each (level, seed) is independent: spread them over worker processes, one CPU thread each
     # (on a shared machine, single-threaded processes degrade far less than one 2-thread one).
@@ -118,7 +123,7 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=single_thread) as pool:
         futures = [pool.submit(distill, out / f"p{int(level * 100)}" / f"seed{seed}", teacher, students[level], data,
-                               level, seed, settings, teacher_correct) for level, seed in jobs]
+                               level, seed, settings) for level, seed in jobs]
         for future in as_completed(futures):
             rows, job_timings = future.result()
             results["runs"] += rows
@@ -172,7 +177,7 @@ def write_data(folder: Path, settings: dict) -> dict:
                 [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in distill])
     write_jsonl(folder / "test.jsonl", test)
     return {"ground_truth": folder / "ground_truth_pairs.jsonl", "distill_prompts": folder / "distill_prompts.jsonl",
-            "test": test}
+            "test": test, "test_file": folder / "test.jsonl"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -231,8 +236,8 @@ def make_student(out: Path, teacher: Path, data: dict, level: float, settings: d
 # ---------------------------------------------------------------- one (pruning level, seed)
 
 
-def distill(folder: Path, teacher: Path, student: Path, data: dict, level: float, seed: int, settings: dict,
-            teacher_correct: list[bool]) -> tuple[list[dict], dict]:
+def distill(folder: Path, teacher: Path, student: Path, data: dict, level: float, seed: int,
+            settings: dict) -> tuple[list[dict], dict]:
     """One (pruning level, seed): generate -> dSFT -> cache-teacher -> sweep -> evaluate; (rows, timings)."""
     from dadpo.cache import cache_teacher
     from dadpo.config import CacheTeacherConfig, GenerateConfig, Sampling, SftConfig, TrainConfig
@@ -282,17 +287,19 @@ def distill(folder: Path, teacher: Path, student: Path, data: dict, level: float
                               batch_size=settings["dpo_batch"], grad_accum=1, epochs=settings["dpo_epochs"],
                               eval_fraction=0.0, seed=seed, progress=False),
                   settings["beta1s"], settings["beta2s"], say=lambda line: None)
-    models = {"dSFT": reference}
-    for beta1 in settings["beta1s"]:
-        for beta2 in settings["beta2s"]:
-            if beta1 or beta2:
-                models[method_label(beta1, beta2)] = folder / "runs" / f"b1={beta1:g}_b2={beta2:g}" / "model"
-    rows = []
+    from dadpo.eval.responses import sweep_points
+
+    # One eval per (level, seed): the teacher's responses against dSFT's and every sweep point's
+    # (the sweep folder expands to its points, named b1=X_b2=Y).
     with timed(timings, "evaluate"):
-        for method, model in models.items():
-            correct = evaluate(model, data["test"])
-            rows.append({"level": level, "seed": seed, "method": method, "accuracy": mean(correct),
-                         **win_rate(correct, teacher_correct), "pairs": pair_stats})
+        summary = evaluate(folder / "eval", teacher, {"dSFT": reference, "sweep": folder / "runs"},
+                           data["test_file"], len(data["test"]))
+    labels = {"dSFT": "dSFT"}
+    labels.update({f"sweep-{point}": method_label(*betas) for point, _, betas in sweep_points(str(folder / "runs"))
+                   if any(betas)})
+    rows = [{"level": level, "seed": seed, "method": method, **judged(summary, name),
+             "teacher_accuracy": summary["baseline_accuracy"], "pairs": pair_stats}
+            for name, method in labels.items()]
     log(f"{tag}: " + ", ".join(f"{r['method']} {r['accuracy']:.3f}" for r in rows))
     return rows, timings
 
@@ -328,29 +335,31 @@ def pair_statistics(pairs: Path) -> dict:
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(model: Path, test: list[dict]) -> list[bool]:
-    """Greedy responses to the held-out prompts (dadpo.sampling, the sampler behind dadpo generate),
-    checked by dadpo's answer match (dadpo.eval.answer, the check of `dadpo eval --judge answer`)."""
-    from dadpo.config import Sampling
-    from dadpo.engine import EngineOptions
-    from dadpo.eval.answer import answers_match
-    from dadpo.sampling import sample_responses
-
-    prompts = [[{"role": "user", "content": row["prompt"]}] for row in test]
-    responses = sample_responses(str(model), prompts, Sampling(max_new_tokens=12, temperature=0.0),
-                                 engine=EngineOptions(batch_size=len(prompts)))
-    return [answers_match(response, row["answer"]) for response, row in zip(responses, test)]
+def student_name(level: float) -> str:
+    return f"pruned{int(level * 100)}+recovery"
 
 
-def win_rate(correct: list[bool], teacher_correct: list[bool]) -> dict:
-    wins = sum(c and not t for c, t in zip(correct, teacher_correct))
-    losses = sum(t and not c for c, t in zip(correct, teacher_correct))
-    return {"wins": wins / len(correct), "losses": losses / len(correct), "win_rate": (wins - losses) / len(correct)}
+def evaluate(out: Path, teacher: Path, models: dict[str, Path], test_file: Path, prompts: int) -> dict:
+    """`dadpo eval --judge answer` of `models` ({name: model or sweep folder}) against the teacher on the
+    held-out prompts, greedy (max 12 new tokens); the eval's summary (summary.json's content)."""
+    from dadpo.config import EvalConfig
+    from dadpo.eval.run import evaluate as run_eval
+
+    return run_eval(EvalConfig(prompts=str(test_file), baseline=f"teacher={teacher}",
+                               model=[f"{name}={path}" for name, path in models.items()], out=str(out),
+                               judge="answer", backend="hf", device="cpu", dtype="float32", batch_size=prompts,
+                               max_new_tokens=12, temperature=0.0, seed=0, progress=False),
+                    say=lambda line: None)
 
 
-def mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else float("nan")
+def judged(summary: dict, name: str) -> dict:
+    """One model's row from an eval summary: accuracy, and eval's win rate against the teacher,
+    (win + tie/2) / (win + tie + loss) in [0, 1] (0.5 = on par), with its bootstrap 95% interval;
+    wins and losses as shares of the prompts."""
+    stats = summary["models"][name]
+    n = stats["win"] + stats["tie"] + stats["loss"]
+    return {"accuracy": stats["accuracy"], "win_rate": stats["win_rate"], "ci95": stats["ci95"],
+            "wins": stats["win"] / n, "losses": stats["loss"] / n, "ties": stats["tie"] / n}
 
 
 # ---------------------------------------------------------------- results

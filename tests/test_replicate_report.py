@@ -1,0 +1,66 @@
+"""The replication's RESULTS.md (benchmarks/replicate/report.py) from a hand-made results.json: eval's
+win rate and its interval (the mean over seeds of each seed's ci95 bounds), wins/losses, the command,
+the tokenization rule and the seed count, checked against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPLICATE = Path(__file__).resolve().parents[1] / "benchmarks" / "replicate"
+
+
+def _render(results: dict) -> str:
+    sys.path.insert(0, str(REPLICATE))
+    try:
+        from report import render_results
+    finally:
+        sys.path.remove(str(REPLICATE))
+    return render_results(results)
+
+
+def _row(seed: int, method: str, accuracy: float, win_rate: float, ci95: list[float], wins: float, losses: float):
+    return {"level": 0.2, "seed": seed, "method": method, "accuracy": accuracy, "win_rate": win_rate, "ci95": ci95,
+            "wins": wins, "losses": losses, "ties": 1 - wins - losses, "teacher_accuracy": 0.9,
+            "pairs": {"rows": 10, "teacher_correct": 0.9, "student_correct": 0.5, "identical": 0.4}}
+
+
+def test_table_reports_eval_win_rate_and_mean_of_seed_bounds():
+    settings = dict(min_len=3, max_len=10, teacher=dict(hidden_size=64, num_layers=4, num_heads=4,
+                    intermediate_size=256), teacher_examples=10, teacher_steps=1, recovery_steps=1,
+                    distill_prompts=10, test_prompts=100, seeds=[0, 1], levels=[0.2], temperature=0.7,
+                    max_new_tokens=12, rejected_from="dsft", sft_epochs=1, sft_lr=1e-3, dpo_epochs=1, dpo_batch=2,
+                    dpo_lr=1e-4, beta1s=[0.1], beta2s=[0.0, 0.1])
+    results = {
+        "settings": settings, "teacher": {"accuracy": 0.9}, "workers": 2, "wall_seconds": 600.0,
+        "stage_seconds": {"teacher": 60.0}, "complete": True, "quick": False, "tokenization_rule": 2,
+        "command": "python benchmarks/replicate/run.py --out /tmp/x --set seeds=[0,1]",
+        "overrides": ["seeds=[0,1]"],
+        "students": {"0.2": {"removed": 0.2, "heads": 3, "teacher_heads": 4, "intermediate_size": 209,
+                             "teacher_intermediate_size": 256, "accuracy": 0.8, "win_rate": 0.45,
+                             "ci95": [0.41, 0.49], "wins": 0.02, "losses": 0.12, "ties": 0.86}},
+        "runs": [_row(0, "dSFT", 0.86, 0.48, [0.44, 0.52], 0.03, 0.07),
+                 _row(1, "dSFT", 0.88, 0.49, [0.46, 0.53], 0.02, 0.04),
+                 _row(0, "dDPO (b1=0.1, b2=0)", 0.84, 0.47, [0.43, 0.51], 0.02, 0.08),
+                 _row(1, "dDPO (b1=0.1, b2=0)", 0.86, 0.48, [0.45, 0.52], 0.02, 0.06),
+                 _row(0, "daDPO (b1=0.1, b2=0.1)", 0.90, 0.50, [0.47, 0.53], 0.05, 0.05),
+                 _row(1, "daDPO (b1=0.1, b2=0.1)", 0.92, 0.51, [0.48, 0.55], 0.06, 0.04)],
+    }
+    text = _render(results)
+    lines = text.splitlines()
+    assert "| model | accuracy | win rate vs teacher | its 95% interval | wins | losses |" in lines
+    # pruned + recovery: one eval, its own interval
+    assert "| student: pruned + recovery | 80.0 | 45.0 | [41.0, 49.0] | 2.0 | 12.0 |" in lines
+    # dSFT over two seeds: means 87.0 / 48.5; sd of (0.86, 0.88) = 0.01414 -> 1.4, of (0.48, 0.49) -> 0.7;
+    # interval: mean lower bound (0.44 + 0.46) / 2 = 45.0, mean upper (0.52 + 0.53) / 2 = 52.5
+    assert "| dSFT | 87.0 ± 1.4 | 48.5 ± 0.7 | [45.0, 52.5] | 2.5 ± 0.7 | 5.5 ± 2.1 |" in lines
+    assert "| daDPO (b1=0.1, b2=0.1) | 91.0 ± 1.4 | 50.5 ± 0.7 | [47.5, 54.0] | 5.5 ± 0.7 | 4.5 ± 0.7 |" in lines
+    assert "`python benchmarks/replicate/run.py --out /tmp/x --set seeds=[0,1]`" in text
+    assert "`--set seeds=[0,1]`" in text
+    assert "tokenization rule 2 (data_specs/tokenization.v2.md)" in text
+    assert "Wall time **10.0 min**" in text
+    assert "50 = on par with the teacher" in text
+    assert "over 2 seeds" in text
+    # claim (1): daDPO - dDPO at b1=0.1 is +6 points on both seeds
+    assert "daDPO (b1=0.1, b2=0.1) - dDPO (b1=0.1, b2=0): +6.0 ± 0.0 points (better on 2, worse on 0 of 2 seeds)" \
+        in text
