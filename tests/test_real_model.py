@@ -241,18 +241,23 @@ def test_eval_judges_the_trained_student_against_the_teacher(pipeline):
                  for name in ("teacher", "dsft", "dadpo")}
     right = {name: {f"p{i}": _plainly_right(responses[name][f"p{i}"], a) for i, a in enumerate(ANSWERS)}
              for name in responses}
+    # judgments.parquet keeps, per model and prompt, whether its final answer matched (score 1 or 0)
+    matched = {name: dict(zip(*judgments.filter(pl.col("model") == name).select("id", "score")
+                              .to_dict(as_series=False).values())) for name in responses}
     decided = 0
-    for name in ("dsft", "dadpo"):
-        stats = summary["models"][name]
-        assert stats["win"] + stats["tie"] + stats["loss"] == len(PROMPTS) and stats["parse_failures"] == 0
-        scores = dict(zip(*judgments.filter(pl.col("model") == name).select("id", "score")
-                          .to_dict(as_series=False).values()))
-        assert sorted(scores) == sorted(responses["teacher"])
-        assert stats["win_rate"] == pytest.approx(sum(scores.values()) / len(scores))
-        assert stats["ci95"][0] <= stats["win_rate"] <= stats["ci95"][1]
-        for prompt_id, score in scores.items():
-            mine, teachers = right[name][prompt_id], right["teacher"][prompt_id]
-            if mine is not None and teachers is not None:
+    for name in responses:
+        assert sorted(matched[name]) == sorted(responses["teacher"])
+        for prompt_id, score in matched[name].items():
+            if right[name][prompt_id] is not None:
                 decided += 1
-                assert score == (1.0 if mine and not teachers else 0.0 if teachers and not mine else 0.5), prompt_id
+                assert score == float(right[name][prompt_id]), (name, prompt_id, responses[name][prompt_id])
+    teacher = matched["teacher"]
+    assert summary["baseline_accuracy"] == pytest.approx(sum(teacher.values()) / len(teacher))
+    for name in ("dsft", "dadpo"):
+        stats, mine = summary["models"][name], matched[name]
+        assert stats["win"] + stats["tie"] + stats["loss"] == len(PROMPTS) and stats["parse_failures"] == 0
+        outcomes = [1.0 if mine[i] > teacher[i] else 0.0 if mine[i] < teacher[i] else 0.5 for i in teacher]
+        assert stats["win_rate"] == pytest.approx(sum(outcomes) / len(outcomes))
+        assert stats["accuracy"] == pytest.approx(sum(mine.values()) / len(mine))
+        assert stats["ci95"][0] <= stats["win_rate"] <= stats["ci95"][1]
     assert decided > 0
