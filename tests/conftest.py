@@ -149,8 +149,10 @@ def one_thread():
 
 # Test files by their time on one core, longest first (pyproject runs files on parallel workers):
 # starting the long ones first keeps the last worker from finishing alone.
-SLOWEST_FILES = ["test_real_model.py", "test_vllm_parity.py", "test_cache_resume.py", "test_generate.py",
-                 "test_benchmarks.py", "test_eval_harness.py",
+SLOWEST_FILES = ["test_real_model.py", "test_eval_models.py", "test_stop_tokens.py", "test_vllm_parity.py",
+                 "test_ownership.py", "test_one_line_errors.py", "test_cache_resume.py", "test_generate.py",
+                 "test_benchmarks.py", "test_eval_harness.py", "test_demo.py", "test_show_tokens.py",
+                 "test_ci_skips.py", "test_served_client.py", "test_properties.py",
                  "test_cache_bad_inputs.py", "test_full_disk.py", "test_train_sweep.py", "test_cache_guard.py",
                  "test_train_distributed.py", "test_cli_pipeline.py", "test_verify.py", "test_train_resume.py",
                  "test_full_pipeline.py", "test_bench_scale.py", "test_cache_features.py", "test_old_caches.py",

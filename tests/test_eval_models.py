@@ -133,8 +133,10 @@ def test_a_sweep_folder_expands_to_its_finished_points(models, tmp_path):
 
 
 @pytest.mark.vllm
-def test_a_real_vllm_server_as_the_judge(vllm_server, vllm_ready, tmp_path):
-    """A random tiny model rarely writes [[A]]/[[B]]/[[C]]: its replies are parse failures, never losses."""
+def test_a_real_vllm_server_as_the_judge(vllm_server, vllm_ready, tmp_path, monkeypatch):
+    """A random tiny model rarely writes [[A]]/[[B]]/[[C]]: its replies are parse failures, never losses.
+    The server runs with --api-key (the shared fixture): the key goes through --judge-api-key-env."""
+    monkeypatch.setenv(vllm_server["key_env"], vllm_server["api_key"])
     ids = [f"p{i}" for i in range(3)]
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prompt": f"Question {i}"} for i in ids])
     base = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "response": "baseline"} for i in ids])
@@ -143,7 +145,8 @@ def test_a_real_vllm_server_as_the_judge(vllm_server, vllm_ready, tmp_path):
     template.write_text("Q {{ question }} A {{ answer_a }} B {{ answer_b }} [[A]] [[B]] [[C]]?")
     summary = evaluate(EvalConfig(prompts=str(prompts), baseline=f"base={base}", model=[f"c={cand}"],
                                   judge_url=vllm_server["url"] + "/v1", judge_model=vllm_server["model"],
-                                  judge_template=str(template), judge_retries=1, judge_max_new_tokens=8,
+                                  judge_api_key_env=vllm_server["key_env"], judge_template=str(template),
+                                  judge_retries=1, judge_max_new_tokens=8,
                                   bootstrap=20, out=str(tmp_path / "eval"), progress=False), say=lambda x: None)
     got = summary["models"]["c"]
     table = pl.read_parquet(tmp_path / "eval" / "judgments.parquet")
