@@ -16,6 +16,7 @@ names hardware the machine lacks (a GPU, CUDA): HARDWARE_SKIP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -258,20 +259,33 @@ VLLM_SERVER_KEY_ENV = "DADPO_TEST_SERVER_KEY"  # the environment variable tests 
 
 @pytest.fixture(scope="module")
 def vllm_server(vllm_ready, models, tmp_path_factory):
-    """The tiny teacher behind vLLM's OpenAI-compatible server on loopback (CPU, fp32, eager,
-    max_model_len 512), one per test module, started with an API key (as served models usually
-    are): a fresh random one, or $DADPO_TEST_SERVER_KEY when set. Yields {"url", "model",
-    "max_model_len", "log", "api_key", "key_env"} (key_env: VLLM_SERVER_KEY_ENV, the variable to
-    hand the key to dadpo in); the server's whole process group (API server, engine core, worker)
-    is stopped at teardown."""
+    """The tiny teacher behind vLLM's OpenAI-compatible server on loopback (serve_vllm), one per test module."""
+    with serve_vllm(models["teacher"], tmp_path_factory.mktemp("vllm_server") / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def real_model_server(vllm_ready, real_model, tmp_path_factory):
+    """The real model (SmolLM2-135M-Instruct, float32) behind vLLM's OpenAI-compatible server
+    (serve_vllm), one per test module: the module's only vLLM engine."""
+    with serve_vllm(real_model, tmp_path_factory.mktemp("real_model_server") / "server.log") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_vllm(model: Path, log: Path):
+    """`model` behind vLLM's OpenAI-compatible server on loopback (CPU, fp32, eager, max_model_len
+    512), started with an API key (as served models usually are): a fresh random one, or
+    $DADPO_TEST_SERVER_KEY when set. Yields {"url", "model", "max_model_len", "log", "api_key",
+    "key_env"} (key_env: VLLM_SERVER_KEY_ENV, the variable to hand the key to dadpo in); the
+    server's whole process group (API server, engine core, worker) is stopped on exit."""
     import secrets
     import signal
     import urllib.request
 
     port = free_port()
     api_key = os.environ.get(VLLM_SERVER_KEY_ENV) or secrets.token_urlsafe(24)
-    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["teacher"]),
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
                "--max-model-len", str(VLLM_SERVER_MAX_MODEL_LEN)]
     # the key through vLLM's own variable (as --api-key would give it), not on a command line
@@ -293,7 +307,7 @@ def vllm_server(vllm_ready, models, tmp_path_factory):
             if time.monotonic() > deadline:
                 raise AssertionError(f"vLLM server not healthy after 600 s: {log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield {"url": url, "model": str(models["teacher"]), "max_model_len": VLLM_SERVER_MAX_MODEL_LEN, "log": log,
+        yield {"url": url, "model": str(model), "max_model_len": VLLM_SERVER_MAX_MODEL_LEN, "log": log,
                "api_key": api_key, "key_env": VLLM_SERVER_KEY_ENV}
     finally:
         # start_new_session: the group is the server's own (API server, engine core, worker).
