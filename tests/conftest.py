@@ -278,7 +278,7 @@ def serve_vllm(model: Path, log: Path):
     512), started with an API key (as served models usually are): a fresh random one, or
     $DADPO_TEST_SERVER_KEY when set. Yields {"url", "model", "max_model_len", "log", "api_key",
     "key_env"} (key_env: VLLM_SERVER_KEY_ENV, the variable to hand the key to dadpo in); the
-    server's whole process group (API server, engine core, worker) is stopped on exit."""
+    server's whole process group (API server, engine core) is stopped on exit."""
     import secrets
     import signal
     import urllib.request
@@ -288,8 +288,12 @@ def serve_vllm(model: Path, log: Path):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
                "--max-model-len", str(VLLM_SERVER_MAX_MODEL_LEN)]
-    # the key through vLLM's own variable (as --api-key would give it), not on a command line
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_API_KEY": api_key}
+    # the key through vLLM's own variable (as --api-key would give it), not on a command line.
+    # VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine core runs its worker itself (vLLM's "uni" executor;
+    # the API server keeps its engine-core process), one process fewer importing vllm and torch:
+    # ~20 s less CPU per start (measured: 37 s instead of 59 s for the tiny teacher), same results.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_API_KEY": api_key,
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with open(log, "wb") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -310,7 +314,7 @@ def serve_vllm(model: Path, log: Path):
         yield {"url": url, "model": str(model), "max_model_len": VLLM_SERVER_MAX_MODEL_LEN, "log": log,
                "api_key": api_key, "key_env": VLLM_SERVER_KEY_ENV}
     finally:
-        # start_new_session: the group is the server's own (API server, engine core, worker).
+        # start_new_session: the group is the server's own (API server, engine core).
         # SIGTERM lets it shut down; whatever of the group is left after 30 s gets SIGKILL.
         try:
             os.killpg(server.pid, signal.SIGTERM)

@@ -19,6 +19,13 @@ from dadpo.stop import EXIT_STOPPED
 REPO = Path(__file__).resolve().parents[1]
 # One intra-op thread per process: on a loaded 2-core machine more threads only contend.
 ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# A vLLM engine started lean on CPU, for tests whose subject is not vLLM's process layout: the engine
+# core and its worker in the process that builds the engine (no multiprocessing: vLLM's "uni"
+# executor), two processes fewer importing vllm and torch (~14 s of CPU each) per start; the same
+# scores and samples. VLLM_EAGER (for --vllm-arg or EngineOptions.extra): no graph compilation
+# (~30 s of CPU per start, nothing gained on a few prompts).
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+VLLM_EAGER = {"enforce_eager": True}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -18,7 +18,7 @@ import torch
 from dadpo.errors import DadpoError
 from dadpo.eval.harness import INSTALL_LINE, compare_to_baseline, primary_metric, run_lm_eval
 from support import (LM_EVAL_GEN_TASK, LM_EVAL_GEN_TOKENS, LM_EVAL_GEN_UNTIL, LM_EVAL_GEN_ROWS, LM_EVAL_MC_ROWS,
-                     LM_EVAL_MC_TASK, LM_EVAL_PROMPT, REPO, write_lm_eval_tasks)
+                     LM_EVAL_MC_TASK, LM_EVAL_PROMPT, REPO, VLLM_ENV, write_lm_eval_tasks)
 
 MC_RIGHT = [0, 2, 3]  # the docs whose label is the model's own choice: acc = 3/5
 GEN_RIGHT = [0, 1]  # the docs whose answer is the model's own greedy text: exact_match = 2/5
@@ -196,7 +196,7 @@ def test_vllm_backend_gives_the_same_metrics(vllm_ready, teacher, designed_tasks
     script = tmp_path / "run_vllm.py"
     script.write_text(code)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache"), "TOKENIZERS_PARALLELISM": "false"}
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache"), "TOKENIZERS_PARALLELISM": "false", **VLLM_ENV}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

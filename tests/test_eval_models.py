@@ -15,7 +15,7 @@ import torch
 from dadpo.config import EvalConfig
 from dadpo.errors import DadpoError
 from dadpo.eval.run import evaluate
-from support import ScriptedJudge, write_jsonl
+from support import VLLM_ENV, ScriptedJudge, write_jsonl
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three."]
 MAX_NEW = 6
@@ -201,12 +201,12 @@ def test_vllm_generated_responses_match_a_greedy_decode(vllm_ready, models, prom
     args = ["eval", "--prompts", prompts, "--baseline", f"b={base}", "--model", f"teacher={models['teacher']}",
             "--judge", "answer", "--backend", "vllm", "--dtype", "float32", "--max-new-tokens", MAX_NEW,
             "--bootstrap", "20", "--out", out]
-    result = run_cli(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=1500)
+    result = run_cli(*args, env=VLLM_ENV, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     stored = pl.read_parquet(out / "responses" / "teacher.parquet")
     same = sum(stored["token_ids"][i].to_list() == _greedy(models["teacher"], q)[0] for i, q in enumerate(QUESTIONS))
     assert same >= len(QUESTIONS) - 1  # fp32 on CPU: greedy paths agree unless two logits tie within rounding
-    again = run_cli(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    again = run_cli(*args, env=VLLM_ENV)
     assert again.returncode == 0 and "generating" not in again.stdout, again.stdout
 
 
@@ -258,7 +258,7 @@ def test_a_local_judge_on_vllm(vllm_ready, models, tmp_path):
     result = run_cli("eval", "--prompts", prompts, "--baseline", f"base={base}", "--model", f"c={cand}", "--judge",
                      models["teacher"], "--backend", "vllm", "--dtype", "float32", "--judge-retries", "0",
                      "--judge-max-new-tokens", MAX_NEW, "--bootstrap", "20", "--out", out,
-                     env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=1500)
+                     env=VLLM_ENV, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     table = pl.read_parquet(out / "judgments.parquet")
     template = load_judge_template(None)

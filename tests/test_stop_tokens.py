@@ -29,7 +29,7 @@ from dadpo.sampling import Sampling
 from dadpo.tiny import UNLISTED_END, make_tiny_pairs
 from dadpo.tokenization import special_ids
 from dadpo.training.data import global_batch_rows, split_eval
-from support import ENV, metrics, naive_logprob, run_cli, shard_rows, write_jsonl
+from support import ENV, VLLM_EAGER, VLLM_ENV, metrics, naive_logprob, run_cli, shard_rows, write_jsonl
 
 # nats per response token: fp32 sentence log-probs of differently shaped computations (hf or vLLM
 # against a plain forward; vLLM measured at <= 3e-7 per token here), so <= 1e-4 per sentence here
@@ -163,7 +163,7 @@ if __name__ == "__main__":  # vLLM spawns processes
     rule = model_tokenizer(model, "--model")
     prompts = [rule.encode_prompt(p, str(i)) for i, p in enumerate(json.loads(sys.argv[2]))]
     sampler = make_sampler("vllm", model, rule, Sampling(max_new_tokens=24, temperature=1.0, seed=3), "test",
-                           "float32", EngineOptions(max_model_len=256))
+                           "float32", EngineOptions(max_model_len=256, extra=json.loads(sys.argv[3])))
     try:
         print(json.dumps(sampler.generate(prompts, [str(i) for i in range(len(prompts))])))
     finally:
@@ -178,9 +178,9 @@ def test_vllm_sampler_stops_at_the_end_token(vllm_ready, unlisted_end, tokenizer
     prompts = [p["prompt"] for p in make_tiny_pairs(10, seed=13)]
     script = tmp_path / "sample.py"
     script.write_text(_VLLM_SAMPLER)
-    result = subprocess.run([sys.executable, str(script), str(unlisted_end), json.dumps(prompts)],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    result = subprocess.run([sys.executable, str(script), str(unlisted_end), json.dumps(prompts),
+                             json.dumps(VLLM_EAGER)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **VLLM_ENV, "TOKENIZERS_PARALLELISM": "false"})
     assert result.returncode == 0, result.stderr[-3000:]
     responses = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(responses) == 10
@@ -218,8 +218,8 @@ def test_cache_teacher_with_vllm_scores_the_end_token(vllm_ready, unlisted_end, 
                                                       end_id, tmp_path):
     out = tmp_path / "cache"
     result = run_cli("cache-teacher", "--pairs", unlisted_end_pairs, "--reference", unlisted_end, "--out", out,
-                     "--backend", "vllm", "--dtype", "float32", "--quiet",
-                     env={**ENV, "VLLM_CPU_KVCACHE_SPACE": "1"})
+                     "--backend", "vllm", "--dtype", "float32", "--vllm-arg", "enforce_eager=true", "--quiet",
+                     env={**ENV, **VLLM_ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     pairs = read_pairs(unlisted_end_pairs)
     rows = shard_rows(out)
