@@ -11,9 +11,10 @@ The module starts one vLLM engine: the teacher behind vLLM's api_server (`real_m
 which cache-teacher scores through --teacher-url and whose own greedy decode checks generate's.
 Checked against an independent computation: every cached sum against a plain per-sequence HF
 float32 forward pass, the prompt and response token ids against the template written out by hand
-here, and generate's greedy tokens against vLLM's. Cost (measured, model already converted):
-CPU_COST_TBD of CPU time (user + sys); before the one-engine layout (4 in-process engine starts: generate's
-two, cache-teacher's two) 6.1 min. The first run on a machine adds the download and conversion
+here, and generate's greedy tokens against vLLM's. Cost (measured, model already converted, 2 cores
+under load 3-5): the first one-engine layout (two caches, eight greedy requests) 7.1 min of CPU (user +
+sys) against 6.7 min for the 4-engine layout before it (generate's two in-process engines,
+cache-teacher's two) in the same conditions; this one (one cache, one batched request): not yet measured. The first run on a machine adds the download and conversion
 (~1 min of CPU).
 """
 
