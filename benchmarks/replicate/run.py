@@ -282,6 +282,11 @@ def distill(folder: Path, teacher: Path, student: Path, data: dict, level: float
         cache_teacher(CacheTeacherConfig(pairs=str(preference_pairs), teacher=str(teacher), reference=str(reference),
                                          out=str(folder / "cache"), backend="hf", dtype="float32",
                                          engine=EngineOptions(batch_size=128), progress=False))
+    from dadpo.inspect_cache import inspect_cache
+
+    # how big the teacher term starts (what `dadpo inspect --beta2` reports): median |h_ref - h_te|
+    report = inspect_cache(folder / "cache")
+    pair_stats.update(preference_pairs=report.rows, median_gap=report.teacher_terms[""].median_gap)
     with timed(timings, "train (sweep)"):
         run_sweep(TrainConfig(cache=str(folder / "cache"), out=str(folder / "runs"), lr=settings["dpo_lr"],
                               batch_size=settings["dpo_batch"], grad_accum=1, epochs=settings["dpo_epochs"],
@@ -293,7 +298,7 @@ def distill(folder: Path, teacher: Path, student: Path, data: dict, level: float
     # (the sweep folder expands to its points, named b1=X_b2=Y).
     with timed(timings, "evaluate"):
         summary = evaluate(folder / "eval", teacher, {"dSFT": reference, "sweep": folder / "runs"},
-                           data["test_file"], len(data["test"]))
+                           data["test_file"], len(data["test"]), settings.get("eval_max_new_tokens", 12))
     labels = {"dSFT": "dSFT"}
     labels.update({f"sweep-{point}": method_label(*betas) for point, _, betas in sweep_points(str(folder / "runs"))
                    if any(betas)})
@@ -339,16 +344,17 @@ def student_name(level: float) -> str:
     return f"pruned{int(level * 100)}+recovery"
 
 
-def evaluate(out: Path, teacher: Path, models: dict[str, Path], test_file: Path, prompts: int) -> dict:
+def evaluate(out: Path, teacher: Path, models: dict[str, Path], test_file: Path, prompts: int,
+             max_new_tokens: int = 12) -> dict:
     """`dadpo eval --judge answer` of `models` ({name: model or sweep folder}) against the teacher on the
-    held-out prompts, greedy (max 12 new tokens); the eval's summary (summary.json's content)."""
+    held-out prompts, greedy; the eval's summary (summary.json's content)."""
     from dadpo.config import EvalConfig
     from dadpo.eval.run import evaluate as run_eval
 
     return run_eval(EvalConfig(prompts=str(test_file), baseline=f"teacher={teacher}",
                                model=[f"{name}={path}" for name, path in models.items()], out=str(out),
                                judge="answer", backend="hf", device="cpu", dtype="float32", batch_size=prompts,
-                               max_new_tokens=12, temperature=0.0, seed=0, progress=False),
+                               max_new_tokens=max_new_tokens, temperature=0.0, seed=0, progress=False),
                     say=lambda line: None)
 
 
@@ -365,7 +371,9 @@ def judged(summary: dict, name: str) -> dict:
 # ---------------------------------------------------------------- results
 
 
-def write_results(out: Path, results: dict, started: float, timings: dict, args, final: bool = False) -> None:
+def write_results(out: Path, results: dict, started: float, timings: dict, args, final: bool = False,
+                  names: tuple[str, str] = ("RESULTS.md", "results.json")) -> None:
+    """OUT/RESULTS.md and OUT/results.json; at the end with --write-results also `names` next to this script."""
     from report import render_results
 
     results = {**results, "wall_seconds": time.time() - started, "stage_seconds": timings, "complete": final,
@@ -376,8 +384,8 @@ def write_results(out: Path, results: dict, started: float, timings: dict, args,
     if final:
         log(f"done in {results['wall_seconds'] / 60:.1f} min; {out / 'RESULTS.md'}")
         if args.write_results:
-            (HERE / "RESULTS.md").write_text(text)
-            (HERE / "results.json").write_text(json.dumps(results, indent=2))
+            (HERE / names[0]).write_text(text)
+            (HERE / names[1]).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
