@@ -24,9 +24,7 @@ The micro replication (run.py) trains its teacher from scratch; this one distils
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import distill, evaluate, judged, log, single_thread, timed, write_jsonl  # noqa: E402
+from run import (chosen_settings, distill_all, evaluate, fresh_folder, judged, log, single_thread,  # noqa: E402
+                 timed, write_jsonl)
 
 FULL = dict(
     levels=[0.2, 0.5], seeds=[0, 1, 2],  # levels: the share of the teacher's decoder layers removed
@@ -158,16 +157,8 @@ def main() -> None:
     parser.add_argument("--write-results", action="store_true",
                         help="Also write benchmarks/replicate/RESULTS-real.md and results-real.json.")
     args = parser.parse_args()
-    settings = dict(QUICK if args.quick else FULL)
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        if key not in settings:
-            parser.error(f"--set {item}: unknown setting {key!r} (known: {', '.join(settings)})")
-        settings[key] = json.loads(value)
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)  # every run from scratch: the wall time below is the whole experiment
-    out.mkdir(parents=True)
+    settings = chosen_settings(parser, args, QUICK if args.quick else FULL)
+    out = fresh_folder(Path(args.out))
     started = time.time()
     timings: dict[str, float] = {}
     single_thread()
@@ -199,24 +190,8 @@ def main() -> None:
         log(f"pruned {level:.0%} + recovery: accuracy {row['accuracy']:.3f}")
         results["students"][str(level)] = {**pruning, **row}
 
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from run import write_results
-
-    jobs = [(level, seed) for seed in settings["seeds"] for level in settings["levels"]]
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=single_thread) as pool:
-        futures = [pool.submit(distill, out / f"p{int(level * 100)}" / f"seed{seed}", teacher, students[level], data,
-                               level, seed, settings) for level, seed in jobs]
-        for future in as_completed(futures):
-            rows, job_timings = future.result()
-            results["runs"] += rows
-            for name, seconds in job_timings.items():
-                timings[f"{name} (summed over workers)"] = timings.get(f"{name} (summed over workers)", 0) + seconds
-            write_results(out, results, started, timings, args, names=("RESULTS-real.md", "results-real.json"))
-    results["runs"].sort(key=lambda r: (r["level"], r["seed"]))
-    write_results(out, results, started, timings, args, final=True, names=("RESULTS-real.md", "results-real.json"))
+    distill_all(out, teacher, students, data, settings, results, started, timings, args,
+                names=("RESULTS-real.md", "results-real.json"))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def _by_method(runs: list[dict], level: float) -> dict[str, list[dict]]:
 
 
 def render_results(results: dict) -> str:
-    settings, runs = results["settings"], results["runs"]
+    runs = results["runs"]
     seeds = sorted({row["seed"] for row in runs})
     state = "" if results.get("complete") else " **INCOMPLETE: the run was still going or stopped early.**"
     stages = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in results["stage_seconds"].items())

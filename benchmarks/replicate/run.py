@@ -72,16 +72,8 @@ def main() -> None:
     parser.add_argument("--write-results", action="store_true",
                         help="Also write benchmarks/replicate/RESULTS.md and results.json (the full run's record).")
     args = parser.parse_args()
-    settings = dict(QUICK if args.quick else FULL)
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        if key not in settings:
-            parser.error(f"--set {item}: unknown setting {key!r} (known: {', '.join(settings)})")
-        settings[key] = json.loads(value)
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)  # every run from scratch: the wall time below is the whole experiment
-    out.mkdir(parents=True)
+    settings = chosen_settings(parser, args, QUICK if args.quick else FULL)
+    out = fresh_folder(Path(args.out))
     started = time.time()
     timings: dict[str, float] = {}
     single_thread()
@@ -114,6 +106,12 @@ def main() -> None:
             f"accuracy after recovery {row['accuracy']:.3f}")
         results["students"][str(level)] = {**pruning, **row}
 
+    distill_all(out, teacher, students, data, settings, results, started, timings, args)
+
+
+def distill_all(out: Path, teacher: Path, students: dict, data: dict, settings: dict, results: dict, started: float,
+                timings: dict, args, names: tuple[str, str] = ("RESULTS.md", "results.json")) -> None:
+    """`distill` for every (level, seed) into results["runs"]; the results written after each job."""
     # Each (level, seed) is independent: spread them over worker processes, one CPU thread each
     # (on a shared machine, single-threaded processes degrade far less than one 2-thread one).
     import multiprocessing
@@ -129,9 +127,27 @@ def main() -> None:
             results["runs"] += rows
             for name, seconds in job_timings.items():
                 timings[f"{name} (summed over workers)"] = timings.get(f"{name} (summed over workers)", 0) + seconds
-            write_results(out, results, started, timings, args)
+            write_results(out, results, started, timings, args, names=names)
     results["runs"].sort(key=lambda r: (r["level"], r["seed"]))
-    write_results(out, results, started, timings, args, final=True)
+    write_results(out, results, started, timings, args, final=True, names=names)
+
+
+def chosen_settings(parser: argparse.ArgumentParser, args, base: dict) -> dict:
+    """`base` with each --set KEY=JSON applied (an unknown key is a usage error)."""
+    settings = dict(base)
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key not in settings:
+            parser.error(f"--set {item}: unknown setting {key!r} (known: {', '.join(settings)})")
+        settings[key] = json.loads(value)
+    return settings
+
+
+def fresh_folder(out: Path) -> Path:
+    if out.exists():
+        shutil.rmtree(out)  # every run from scratch: the wall time is the whole experiment's
+    out.mkdir(parents=True)
+    return out
 
 
 def single_thread() -> None:
