@@ -64,6 +64,14 @@ def test_table_reports_eval_win_rate_and_mean_of_seed_bounds():
     # claim (1): daDPO - dDPO at b1=0.1 is +6 points on both seeds
     assert "daDPO (b1=0.1, b2=0.1) - dDPO (b1=0.1, b2=0): +6.0 ± 0.0 points (better on 2, worse on 0 of 2 seeds)" \
         in text
+    # a record without `rejected_by` counted the first generation: its rejected side is the pruned student's
+    assert ("Pairs (seed 0) generated with the pruned student: 10; responses correct: teacher 90.0%, pruned "
+            "student 50.0%; identical 40.0%.") in lines
+    for row in results["runs"]:
+        row["pairs"] = dict(row["pairs"], rejected_by="dSFT student", dropped=3)
+    assert ("Pairs DPO learns from (seed 0): 10 generated (3 more left out by generate: an empty response), "
+            "rejected side by the dSFT student; responses correct: teacher 90.0%, dSFT student 50.0%; "
+            "identical (left out) 40.0%.") in _render(results).splitlines()
 
 
 def test_real_weights_data_and_pilot_report():

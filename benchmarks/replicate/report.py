@@ -95,15 +95,27 @@ def render_results(results: dict) -> str:
                          f"| {_pm([r['losses'] for r in rows])} |")
         if grouped:
             pairs = [rows[0]["pairs"] for rows in grouped.values()][0]
-            lines += ["", f"Pairs (seed {seeds[0]}): {pairs['rows']} generated; responses correct: teacher "
-                      f"{pairs['teacher_correct'] * 100:.1f}%, rejected side {pairs['student_correct'] * 100:.1f}%; "
-                      f"identical (left out) {pairs['identical'] * 100:.1f}%."
+            lines += ["", _pairs_line(pairs, seeds[0])
                       + (f" Median |h_ref - h_te| over the {pairs['preference_pairs']} cached pairs, per seed: "
                          + ", ".join(f"{rows_['pairs']['median_gap']:.3g}" for rows_ in grouped["dSFT"])
                          + " nats." if "median_gap" in pairs and "dSFT" in grouped else "")]
         lines.append("")
     lines += [f"## The paper's claims {'on real weights' if real else 'at micro scale'}", "", PAPER, ""]
     return "\n".join(lines + claims(results)) + "\n"
+
+
+def _pairs_line(pairs: dict, seed: int) -> str:
+    """One seed's distillation pairs. Records before `rejected_by` counted the first generation's pairs, whose
+    rejected side is the pruned student's, even when DPO learnt from the dSFT student's (rejected_from="dsft")."""
+    if "rejected_by" not in pairs:
+        return (f"Pairs (seed {seed}) generated with the pruned student: {pairs['rows']}; responses correct: teacher "
+                f"{pairs['teacher_correct'] * 100:.1f}%, pruned student {pairs['student_correct'] * 100:.1f}%; "
+                f"identical {pairs['identical'] * 100:.1f}%.")
+    dropped = f" ({pairs['dropped']} more left out by generate: an empty response)" if pairs["dropped"] else ""
+    return (f"Pairs DPO learns from (seed {seed}): {pairs['rows']} generated{dropped}, rejected side by the "
+            f"{pairs['rejected_by']}; responses correct: teacher {pairs['teacher_correct'] * 100:.1f}%, "
+            f"{pairs['rejected_by']} {pairs['student_correct'] * 100:.1f}%; identical (left out) "
+            f"{pairs['identical'] * 100:.1f}%.")
 
 
 def _micro_setup(results: dict, seeds: list[int]) -> list[str]:

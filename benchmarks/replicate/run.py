@@ -271,7 +271,7 @@ def distill(folder: Path, teacher: Path, student: Path, data: dict, level: float
             backend="hf", sampling=Sampling(max_new_tokens=settings["max_new_tokens"],
                                             temperature=settings["temperature"], seed=seed),
             engine=EngineOptions(batch_size=128), progress=False))
-    pair_stats = pair_statistics(pairs)
+    pair_stats = pair_statistics(pairs, "pruned student", len(summary.dropped))
     log(f"{tag}: generated {summary.rows} pairs; teacher responses correct {pair_stats['teacher_correct']:.3f}, "
         f"student {pair_stats['student_correct']:.3f}, identical {pair_stats['identical']:.3f}")
     with timed(timings, "dSFT"):
@@ -283,13 +283,15 @@ def distill(folder: Path, teacher: Path, student: Path, data: dict, level: float
         # On-policy rejects: the responses of the model DPO starts from (the teacher's are the same
         # as above: same seed, same chunks).
         with timed(timings, "generate"):
-            generate_pairs(GenerateConfig(
+            summary = generate_pairs(GenerateConfig(
                 prompts=str(data["distill_prompts"]), teacher=str(teacher), student=str(reference),
                 out=str(folder / "pairs_dsft.parquet"), backend="hf",
                 sampling=Sampling(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                                   seed=seed), engine=EngineOptions(batch_size=128), progress=False))
         pairs = folder / "pairs_dsft.parquet"
-        log(f"{tag}: dSFT student responses correct {pair_statistics(pairs)['student_correct']:.3f}")
+        # the pairs DPO learns from: their rejected side is the dSFT student's
+        pair_stats = pair_statistics(pairs, "dSFT student", len(summary.dropped))
+        log(f"{tag}: dSFT student responses correct {pair_stats['student_correct']:.3f}")
     # A pair whose two responses are the same string states no preference (every model's margin
     # is exactly 0, so it has no gradient); with exact answers many are ties. Cache only the rest.
     preference_pairs = folder / "preference_pairs.parquet"
@@ -338,7 +340,9 @@ def drop_ties(pairs: Path, out: Path) -> None:
     frame.filter(~pl.Series(same)).write_parquet(out)
 
 
-def pair_statistics(pairs: Path) -> dict:
+def pair_statistics(pairs: Path, rejected_by: str, dropped: int) -> dict:
+    """What the pairs file holds: its rows, the share of right answers on each side, the identical share;
+    `rejected_by` names the model that wrote the rejected side, `dropped` the rows generate left out."""
     import polars as pl
 
     from dadpo.eval.answer import answers_match
@@ -348,7 +352,7 @@ def pair_statistics(pairs: Path) -> dict:
     rejected = [m[0]["content"] for m in frame["rejected"].to_list()]
     answers = frame["answer"].to_list()
     n = max(len(answers), 1)
-    return {"rows": len(answers), "teacher_correct": sum(answers_match(c, a) for c, a in zip(chosen, answers)) / n,
+    return {"rows": len(answers), "rejected_by": rejected_by, "dropped": dropped, "teacher_correct": sum(answers_match(c, a) for c, a in zip(chosen, answers)) / n,
             "student_correct": sum(answers_match(r, a) for r, a in zip(rejected, answers)) / n,
             "identical": sum(c == r for c, r in zip(chosen, rejected)) / n}
 
