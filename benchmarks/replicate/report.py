@@ -337,7 +337,12 @@ REAL_CAVEATS = [
     "7B chat models, tens of thousands of pairs and GPT-4 as the judge of open-ended answers. What does not "
     "show here may still show at scale.",
     "- The task is exactly checkable, so the judge is answer match, not a model: no position or length bias, "
-    "but only one kind of skill is measured.",
+    "but only one kind of skill is measured. No judged win rate: the only model on this machine that could "
+    "judge is the 135M teacher itself; where a judge is served, `dadpo eval --judge-url` adds it.",
+    "- The chosen side is the teacher's sample at the sampling temperature, not its greedy answer: those "
+    "samples are right far less often than its greedy replies (the Pairs lines above), so many pairs prefer "
+    "one wrong answer to another. That is what distribution-aware distillation asks for (the teacher's "
+    "distribution, not its best guess), but on an exact-answer task it makes the preference signal weak.",
     "- Hyper-parameters (learning rates, the grid, temperature, one epoch) were set once from a single-seed "
     "pilot for every method alike, not tuned per method.",
 ]
