@@ -19,8 +19,9 @@ def _render(results: dict) -> str:
     return render_results(results)
 
 
-def _row(seed: int, method: str, accuracy: float, win_rate: float, ci95: list[float], wins: float, losses: float):
-    return {"level": 0.2, "seed": seed, "method": method, "accuracy": accuracy, "win_rate": win_rate, "ci95": ci95,
+def _row(seed: int, method: str, accuracy: float, win_rate: float, ci95: list[float], wins: float, losses: float,
+         level: float = 0.2):
+    return {"level": level, "seed": seed, "method": method, "accuracy": accuracy, "win_rate": win_rate, "ci95": ci95,
             "wins": wins, "losses": losses, "ties": 1 - wins - losses, "teacher_accuracy": 0.9,
             "pairs": {"rows": 10, "teacher_correct": 0.9, "student_correct": 0.5, "identical": 0.4}}
 
@@ -74,9 +75,48 @@ def test_table_reports_eval_win_rate_and_mean_of_seed_bounds():
             "identical (left out) 40.0%.") in _render(results).splitlines()
 
 
-def test_real_weights_data_and_pilot_report():
+def test_claim_two_and_the_dpo_stage_against_dsft_by_hand():
+    """Claim (2) counts rDPO as breaking down when its best setting is more than 5 points below the best dDPO
+    (its own failure, not DPO's); the DPO stage is called below dSFT only when every setting is, on every seed."""
+    accuracies = {0.2: {"dSFT": (0.50, 0.40), "dDPO (b1=0.1, b2=0)": (0.45, 0.35), "rDPO (b1=0, b2=0.1)": (0.45, 0.37),
+                        "daDPO (b1=0.1, b2=0.1)": (0.46, 0.38)},
+                  0.5: {"dSFT": (0.20, 0.30), "dDPO (b1=0.1, b2=0)": (0.22, 0.30), "rDPO (b1=0, b2=0.1)": (0.15, 0.20),
+                        "daDPO (b1=0.1, b2=0.1)": (0.22, 0.32)}}
+    student = {"removed": 0.2, "heads": 3, "teacher_heads": 4, "intermediate_size": 209,
+               "teacher_intermediate_size": 256, "accuracy": 0.1, "win_rate": 0.1, "ci95": [0.0, 0.2], "wins": 0.0,
+               "losses": 0.5, "ties": 0.5}
+    results = {"settings": dict(min_len=3, max_len=10, teacher=dict(hidden_size=64, num_layers=4, num_heads=4,
+                                intermediate_size=256), teacher_examples=10, teacher_steps=1, recovery_steps=1,
+                                distill_prompts=10, test_prompts=100, seeds=[0, 1], levels=[0.2, 0.5],
+                                temperature=0.7, max_new_tokens=12, sft_epochs=1, sft_lr=1e-3, dpo_epochs=1,
+                                dpo_batch=2, dpo_lr=1e-4, beta1s=[0, 0.1], beta2s=[0.0, 0.1]),
+               "teacher": {"accuracy": 0.9}, "workers": 2, "wall_seconds": 60.0, "stage_seconds": {}, "complete": True,
+               "quick": False, "tokenization_rule": 2, "command": "run.py", "overrides": [],
+               "students": {"0.2": student, "0.5": student},
+               "runs": [_row(seed, method, values[seed], 0.5, [0.4, 0.6], 0.1, 0.1, level=level)
+                        for level, methods in accuracies.items() for method, values in methods.items()
+                        for seed in (0, 1)]}
+    text = _render(results)
+    # 20%: rDPO best 0.41, dDPO best 0.40 -> +1.0; 50%: rDPO 0.175, dDPO 0.26 -> -8.5 (more than 5: breaks down)
+    # DPO minus dSFT: 20% best daDPO 0.42 - 0.45 = -3.0, every setting below dSFT on both seeds;
+    # 50% best daDPO 0.27 - 0.25 = +2.0 (dDPO ties dSFT on seed 1: not every setting below)
+    assert ("Claim (2): rDPO breaks down only far from the teacher (its best setting against the best dDPO: +1.0 "
+            "points at 20% pruning, -8.5 at 50%) (agrees). Best DPO-family result minus dSFT: 20% pruning -3.0 points "
+            "(every DPO-family setting below dSFT on every seed), 50% pruning +2.0 points.") in text
+    assert "dSFT 45.0%, best dDPO 40.0% -> does not break down (its best setting within 5 points" in text
+    assert "dSFT 25.0%, best dDPO 26.0% -> breaks down (its best setting more than 5 points below" in text
+    # rDPO level with dDPO at 50% as well: no breakdown anywhere
+    for row in results["runs"]:
+        if row["level"] == 0.5 and row["method"].startswith("rDPO"):
+            row["accuracy"] += 0.08
+    assert ("Claim (2): rDPO does not break down here (its best setting against the best dDPO: +1.0 points at 20% "
+            "pruning, -0.5 at 50%; 5 points would count) (does not agree).") in _render(results)
+
+
+def test_real_weights_data_and_report():
     """real.py's task (every single-digit question, test and distillation prompts disjoint) and the report of
-    its committed pilot: marked a pilot, its layer-pruned students named, one seed never called a result."""
+    its committed 3-seed run (its layer-pruned students named), and of its first seed alone: marked a pilot,
+    one seed never called a result."""
     import json
 
     sys.path.insert(0, str(REPLICATE))
@@ -92,9 +132,13 @@ def test_real_weights_data_and_pilot_report():
 
     results = json.loads((REPLICATE / "results-real.json").read_text())
     text = _render(results)
-    assert "**A pilot: 1 seed(s)" in text and "not the replication" in text
+    assert text == (REPLICATE / "RESULTS-real.md").read_text()  # the committed report is this file's render
+    assert "A pilot" not in text and "over 3 seeds" in text and results["settings"]["seeds"] == [0, 1, 2]
     assert "6 of the teacher's 30 decoder layers removed" in text
     assert "15 of the teacher's 30 decoder layers removed" in text
+
+    pilot = dict(results, quick=True, runs=[row for row in results["runs"] if row["seed"] == 0])
+    text = _render(pilot)
+    assert "**A pilot: 1 seed(s)" in text and "not the replication" in text
     assert "; clearly better" not in text and "; clearly worse" not in text  # one seed decides nothing
     assert "daDPO clearly better in 0, clearly worse in 0" in text
-    assert text == (REPLICATE / "RESULTS-real.md").read_text()  # the committed report is this file's render
