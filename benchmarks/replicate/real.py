@@ -1,6 +1,6 @@
 """daDPO's pruned-student experiment (arXiv 2506.15717) on real pretrained weights, in one command.
 
-    python benchmarks/replicate/real.py --out /tmp/real                    # the full run (~1 h, 2 CPU cores)
+    python benchmarks/replicate/real.py --out /tmp/real                    # the full run (40 min measured, 2 CPU cores)
     python benchmarks/replicate/real.py --out /tmp/real-q --quick          # wiring check (~10 min)
     python benchmarks/replicate/real.py --out /tmp/r --set dpo_lr=2e-5 ... # any setting of FULL
 
