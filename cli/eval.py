@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from dadpo.cli.options import build_config, config_options
+from dadpo.cli.options import SAMPLING_ENGINE_EXCLUDE, SAMPLING_ENGINE_OVERRIDES, build_config, config_options
 from dadpo.config import EvalConfig
 
 
 @click.command("eval")
-@config_options(EvalConfig)
+@config_options(EvalConfig, exclude=SAMPLING_ENGINE_EXCLUDE, overrides=SAMPLING_ENGINE_OVERRIDES)
 def eval_command(**flags):
     """Did the student get better? Judged win rates against a baseline, with intervals.
 

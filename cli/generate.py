@@ -6,16 +6,12 @@ import dataclasses
 
 import click
 
-from dadpo.cli.options import build_config, config_options
+from dadpo.cli.options import SAMPLING_ENGINE_EXCLUDE, SAMPLING_ENGINE_OVERRIDES, build_config, config_options
 from dadpo.config import GenerateConfig
-
-_ENGINE_FLAGS_UNUSED = ("engine.seed", "engine.fp32_head", "engine.max_num_batched_tokens")
 
 
 @click.command("generate")
-@config_options(GenerateConfig, exclude=_ENGINE_FLAGS_UNUSED,
-                overrides={"engine.batch_size": {"help": "hf: prompts per model.generate call."},
-                           "engine.max_model_len": {"default_text": "the model's"}})
+@config_options(GenerateConfig, exclude=SAMPLING_ENGINE_EXCLUDE, overrides=SAMPLING_ENGINE_OVERRIDES)
 def generate_command(**flags):
     """Sample one teacher and one student response per prompt into a pairs file.
 

@@ -129,3 +129,10 @@ def build_config(cls, flags: dict, prefix: str = "", **fixed):
         values["progress"] = not flags.pop("quiet")
     values.update(fixed)
     return cls(**values)
+
+
+# The engine flags of the commands that sample (generate, eval): the engine seed is their --seed, and
+# fp32_head and max_num_batched_tokens only matter to scoring passes.
+SAMPLING_ENGINE_EXCLUDE = ("engine.seed", "engine.fp32_head", "engine.max_num_batched_tokens")
+SAMPLING_ENGINE_OVERRIDES = {"engine.batch_size": {"help": "hf: prompts per model.generate call."},
+                             "engine.max_model_len": {"default_text": "the model's"}}

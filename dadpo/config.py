@@ -227,9 +227,7 @@ class EvalConfig:
     lm_eval_fewshot: int | None = option(None, "Few-shot examples per lm-eval task.", default_text="the task's")
     lm_eval_include: str | None = option(None, "Folder of lm-eval task YAML files (local tasks).")
     backend: str = option("auto", "Generation backend: auto (vllm when installed, else hf), hf or vllm.")
-    device: str | None = option(None, "hf: device.", default_text="cuda if available, else cpu")
     dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
-    batch_size: int = option(8, "hf: prompts per model.generate call.")
     max_new_tokens: int = option(512, "Longest generated response, in tokens.")
     temperature: float = option(0.0, "Sampling temperature of generated responses; 0 = greedy.")
     template_date: str | None = option(None, "Date (YYYY-MM-DD) that templates which write today's date render.",
@@ -238,7 +236,11 @@ class EvalConfig:
                                    "'dadpo={\"enable_thinking\": false}'.", factory=list, metavar="[NAME=]JSON")
     overwrite: bool = option(False, "Start over: delete this eval's responses, judgments and summary in --out.")
     trust_remote_code: bool = option(False, "Allow model code from the model folder/hub to run.")
+    # how the models (and a local judge, and lm-eval) run: generate's engine flags
+    engine: EngineOptions = option(help="", factory=lambda: EngineOptions(batch_size=8))
     progress: bool = option(True, "Progress lines.", cli=False)
+
+
 COLOR_MODES = ("auto", "always", "never")
 
 

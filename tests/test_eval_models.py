@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dadpo.config import EvalConfig
+from dadpo.engine import EngineOptions
 from dadpo.errors import DadpoError
 from dadpo.eval.run import evaluate
 from support import VLLM_ENV, ScriptedJudge, write_jsonl
@@ -202,7 +203,7 @@ def test_vllm_generated_responses_match_a_greedy_decode(vllm_ready, models, prom
     base = write_jsonl(tmp_path / "b.jsonl", [{"id": f"q{i}", "response": "0"} for i in range(len(QUESTIONS))])
     args = ["eval", "--prompts", prompts, "--baseline", f"b={base}", "--model", f"teacher={models['teacher']}",
             "--judge", "answer", "--backend", "vllm", "--dtype", "float32", "--max-new-tokens", MAX_NEW,
-            "--bootstrap", "20", "--out", out]
+            "--bootstrap", "20", "--out", out, "--vllm-arg", "enforce_eager=true"]  # the engine flags reach vLLM
     result = run_cli(*args, env=VLLM_ENV, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     stored = pl.read_parquet(out / "responses" / "teacher.parquet")
@@ -210,6 +211,12 @@ def test_vllm_generated_responses_match_a_greedy_decode(vllm_ready, models, prom
     assert same >= len(QUESTIONS) - 1  # fp32 on CPU: greedy paths agree unless two logits tie within rounding
     again = run_cli(*args, env=VLLM_ENV)
     assert again.returncode == 0 and "generating" not in again.stdout, again.stdout
+    # an engine argument vLLM does not take: one line before any model runs, nothing written
+    wrong = run_cli(*args[:args.index("--out")], "--out", tmp_path / "wrong", "--vllm-arg", "enforce_eagre=true",
+                    env=VLLM_ENV)
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "--vllm-arg: enforce_eagre: not an argument of vllm.LLM" in wrong.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_a_reward_model_judge(tmp_path):
@@ -231,7 +238,7 @@ def test_a_reward_model_judge(tmp_path):
     base_file = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "response": base[i]} for i in ids])
     cand_file = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "response": cand[i]} for i in ids])
     summary = evaluate(EvalConfig(prompts=str(prompts), baseline=f"base={base_file}", model=[f"c={cand_file}"],
-                                  judge=str(judge), device="cpu", dtype="float32", bootstrap=20,
+                                  judge=str(judge), engine=EngineOptions(device="cpu"), dtype="float32", bootstrap=20,
                                   out=str(tmp_path / "eval"), progress=False), say=lambda x: None)
     model = RewardModel(str(judge), device="cpu", dtype="float32")
     r_c = model.rewards([questions[i] for i in ids], [cand[i] for i in ids])
@@ -260,7 +267,7 @@ def test_a_local_judge_on_vllm(vllm_ready, models, tmp_path):
     result = run_cli("eval", "--prompts", prompts, "--baseline", f"base={base}", "--model", f"c={cand}", "--judge",
                      models["teacher"], "--backend", "vllm", "--dtype", "float32", "--judge-retries", "0",
                      "--judge-max-new-tokens", MAX_NEW, "--bootstrap", "20", "--out", out,
-                     env=VLLM_ENV, timeout=1500)
+                     "--vllm-arg", "enforce_eager=true", env=VLLM_ENV, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     table = pl.read_parquet(out / "judgments.parquet")
     template = load_judge_template(None)

@@ -369,11 +369,13 @@ def evaluate(out: Path, teacher: Path, models: dict[str, Path], test_file: Path,
     """`dadpo eval --judge answer` of `models` ({name: model or sweep folder}) against the teacher on the
     held-out prompts, greedy; the eval's summary (summary.json's content)."""
     from dadpo.config import EvalConfig
+    from dadpo.engine import EngineOptions
     from dadpo.eval.run import evaluate as run_eval
 
     return run_eval(EvalConfig(prompts=str(test_file), baseline=f"teacher={teacher}",
                                model=[f"{name}={path}" for name, path in models.items()], out=str(out),
-                               judge="answer", backend="hf", device="cpu", dtype="float32", batch_size=prompts,
+                               judge="answer", backend="hf", dtype="float32",
+                               engine=EngineOptions(batch_size=prompts, device="cpu"),
                                max_new_tokens=max_new_tokens, temperature=0.0, seed=0, progress=False),
                     say=lambda line: None)
 

@@ -126,12 +126,16 @@ def primary_metric(task_results: dict) -> tuple[str, float, float | None] | None
 
 
 def run_lm_eval(model: str, tasks: list[str], *, limit: int | None, fewshot: int | None, backend: str = "hf",
-                device: str = "cpu", dtype: str = "auto", include_path: str | None = None, seed: int = 0,
-                batch_size: int = 8) -> dict:
+                engine=None, dtype: str = "auto", include_path: str | None = None, seed: int = 0) -> dict:
     """lm-eval's `simple_evaluate` on `model` (a local folder or hub id), one task at a time on one loaded
     model: {task: {"metric", "value", "stderr"}}. Tasks are registry names or names of tasks that YAML
-    files under `include_path` define. Any failure is one line naming the model (and the task)."""
+    files under `include_path` define. `engine` (dadpo.engine.EngineOptions) says how the model runs, as
+    for every other dadpo pass. Any failure is one line naming the model (and the task)."""
+    from dadpo.engine import EngineOptions
+    from dadpo.logprobs import default_device
     from dadpo.modeling import check_dtype
+
+    engine = engine or EngineOptions(batch_size=8)
 
     require_lm_eval()
     if backend not in BACKENDS:
@@ -151,11 +155,18 @@ def run_lm_eval(model: str, tasks: list[str], *, limit: int | None, fewshot: int
         where = f" (nor under {include_path})" if include_path else ""
         raise DadpoError(f"lm-eval on {model}: unknown task {', '.join(unknown)}: not in lm-eval's registry{where}")
     model_args = {"pretrained": model, "dtype": dtype}
-    settings = {"batch_size": batch_size}
+    settings = {"batch_size": engine.batch_size}
     if backend == "vllm":
-        model_args["seed"] = seed  # vLLM places the model itself: device is for hf
+        # vLLM places the model itself (device is for hf); lm-eval hands its other arguments to vllm.LLM
+        from dadpo.engine import check_vllm_args
+
+        model_args.update(seed=seed, tensor_parallel_size=engine.tensor_parallel_size)
+        model_args.update({key: getattr(engine, key) for key in ("gpu_memory_utilization", "max_model_len")
+                           if getattr(engine, key) is not None})
+        check_vllm_args(engine.extra)
+        model_args.update(engine.extra)
     else:
-        settings["device"] = device
+        settings["device"] = str(engine.device or default_device())
     try:
         lm = get_model(backend).create_from_arg_obj(model_args, settings)
     except Exception as exc:  # transformers, vLLM and lm-eval raise many types; the user needs one line

@@ -94,7 +94,7 @@ def evaluate(cfg: EvalConfig, say: Callable[[str], None] = print) -> dict:
 
 def _check_flags(cfg: EvalConfig) -> str:
     """Which judge (served, local, reward, answer); bad flags are one line."""
-    from dadpo.modeling import torch_dtype
+    from dadpo.modeling import check_device, torch_dtype
     from dadpo.tokenization import check_date
 
     if cfg.judge_url and cfg.judge:
@@ -108,7 +108,7 @@ def _check_flags(cfg: EvalConfig) -> str:
     for flag, value, least in (("--judge-retries", cfg.judge_retries, 0), ("--judge-concurrency",
                                cfg.judge_concurrency, 1), ("--judge-max-new-tokens", cfg.judge_max_new_tokens, 1),
                                ("--bootstrap", cfg.bootstrap, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
-                               ("--batch-size", cfg.batch_size, 1)):
+                               ("--batch-size", cfg.engine.batch_size, 1)):
         if value < least:
             raise DadpoError(f"{flag} {value}: must be at least {least}")
     if not (cfg.judge_timeout > 0 and math.isfinite(cfg.judge_timeout)):
@@ -123,6 +123,11 @@ def _check_flags(cfg: EvalConfig) -> str:
         require_lm_eval()
     check_date(cfg.template_date)
     torch_dtype(cfg.dtype)
+    check_device(cfg.engine.device)
+    if cfg.engine.extra and _backend(cfg) == "vllm":
+        from dadpo.engine import check_vllm_args
+
+        check_vllm_args(cfg.engine.extra)  # before any model runs, not in the first engine's process
     if cfg.judge == "answer":
         if cfg.judge_template:
             raise DadpoError("--judge-template: the answer judge reads no prompt")
@@ -162,9 +167,9 @@ def _source_id(spec: resp.ModelSpec) -> str:
 
 
 def _engine(cfg: EvalConfig):
-    from dadpo.engine import EngineOptions
+    import dataclasses
 
-    return EngineOptions(batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed)
+    return dataclasses.replace(cfg.engine, seed=cfg.seed)  # one --seed for sampling and the engine
 
 
 def _backend(cfg: EvalConfig) -> str:
@@ -182,7 +187,7 @@ def _make_judge(cfg: EvalConfig, kind: str, api_key: tuple[str | None, str | Non
     if kind == "answer":
         return _AnswerJudge()
     if kind == "reward":
-        return RewardJudge(cfg.judge, device=cfg.device, dtype=cfg.dtype, date=date)
+        return RewardJudge(cfg.judge, device=cfg.engine.device, dtype=cfg.dtype, date=date)
     return LocalJudge(cfg.judge, retries=cfg.judge_retries, max_new_tokens=cfg.judge_max_new_tokens,
                       backend=_backend(cfg), dtype=cfg.dtype, engine=_engine(cfg), seed=cfg.seed,
                       trust_remote_code=cfg.trust_remote_code, date=date)
@@ -350,7 +355,7 @@ def _lm_eval(plan: _Plan, say) -> dict[str, dict]:
             continue
         say(f"lm-eval {','.join(tasks)} on {spec.name}")
         found = run_lm_eval(spec.source, tasks, limit=cfg.lm_eval_limit, fewshot=cfg.lm_eval_fewshot, backend=backend,
-                            device=cfg.device or "cpu", dtype=cfg.dtype, include_path=cfg.lm_eval_include,
+                            engine=_engine(cfg), dtype=cfg.dtype, include_path=cfg.lm_eval_include,
                             seed=cfg.seed)
         path.parent.mkdir(exist_ok=True)
         write_json_atomic(path, {"settings": settings, "source": _source_id(spec), "results": found})
