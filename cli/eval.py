@@ -9,7 +9,9 @@ from dadpo.config import EvalConfig
 
 
 @click.command("eval")
-@config_options(EvalConfig, exclude=SAMPLING_ENGINE_EXCLUDE, overrides=SAMPLING_ENGINE_OVERRIDES)
+@config_options(EvalConfig, exclude=SAMPLING_ENGINE_EXCLUDE, overrides={
+    **SAMPLING_ENGINE_OVERRIDES,
+    "engine.batch_size": {"help": "hf: prompts per model.generate call (also a local judge's and lm-eval's batch)."}})
 def eval_command(**flags):
     """Did the student get better? Judged win rates against a baseline, with intervals.
 

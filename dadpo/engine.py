@@ -102,8 +102,21 @@ def build_llm(model_path: str, revision: str | None, dtype: str, options: Engine
 
     logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
     args: dict = dict(model=model_path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-                      tensor_parallel_size=options.tensor_parallel_size, seed=options.seed,
-                      skip_tokenizer_init=True)
+                      skip_tokenizer_init=True, **vllm_engine_args(options, **overrides))
+    warmup_filter = _DropChatTemplateWarmup()
+    renderer_log = logging.getLogger("vllm.renderers.base")
+    renderer_log.addFilter(warmup_filter)
+    try:
+        return LLM(**args)
+    finally:
+        renderer_log.removeFilter(warmup_filter)
+
+
+def vllm_engine_args(options: EngineOptions, **overrides) -> dict:
+    """The vllm.LLM (EngineArgs) arguments that `options` asks for: `overrides` are dadpo's own settings
+    for this use (e.g. max_model_len), and --vllm-arg wins over all. Also what lm-eval's vLLM backend
+    hands to vllm.LLM."""
+    args: dict = dict(tensor_parallel_size=options.tensor_parallel_size, seed=options.seed)
     for key in ("gpu_memory_utilization", "max_model_len", "max_num_batched_tokens"):
         if getattr(options, key) is not None:  # None: vLLM's own default (model config / platform)
             args[key] = getattr(options, key)
@@ -119,13 +132,7 @@ def build_llm(model_path: str, revision: str | None, dtype: str, options: Engine
     if hf_overrides:
         args["hf_overrides"] = hf_overrides
     args.update(extra)
-    warmup_filter = _DropChatTemplateWarmup()
-    renderer_log = logging.getLogger("vllm.renderers.base")
-    renderer_log.addFilter(warmup_filter)
-    try:
-        return LLM(**args)
-    finally:
-        renderer_log.removeFilter(warmup_filter)
+    return args
 
 
 def check_vllm_args(extra: dict, flag: str = "--vllm-arg") -> None:

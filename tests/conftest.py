@@ -267,7 +267,7 @@ def vllm_server(vllm_ready, models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_model_server(vllm_ready, real_model, tmp_path_factory):
     """The real model (SmolLM2-135M-Instruct, float32) behind vLLM's OpenAI-compatible server
-    (serve_vllm), one per test module: the module's only vLLM engine."""
+    (serve_vllm), one per test module."""
     with serve_vllm(real_model, tmp_path_factory.mktemp("real_model_server") / "server.log") as server:
         yield server
 

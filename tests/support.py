@@ -240,6 +240,18 @@ def naive_logprob(model, prompt_ids: list[int], response_ids: list[int]) -> floa
     return float(sum(logprobs[t - 1, ids[t]] for t in range(len(prompt_ids), len(ids))))
 
 
+def naive_greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_ids) -> list[int]:
+    """A plain argmax decode (a full forward per new token: no cache, no generate()) up to max_new_tokens
+    or a stop id, which ends the returned ids: the independent check of every greedy path in dadpo."""
+    ids: list[int] = []
+    with torch.no_grad():
+        while len(ids) < max_new_tokens:
+            ids.append(int(model(torch.tensor([list(prompt_ids) + ids])).logits[0, -1].argmax()))
+            if ids[-1] in stop_ids:
+                break
+    return ids
+
+
 # ---------------------------------------------------------------- sentence log-prob tolerances
 
 LOGP_ATOL = 1e-5  # nats: any sentence

@@ -18,7 +18,7 @@ import torch
 from dadpo.errors import DadpoError
 from dadpo.eval.harness import INSTALL_LINE, compare_to_baseline, primary_metric, run_lm_eval
 from support import (LM_EVAL_GEN_TASK, LM_EVAL_GEN_TOKENS, LM_EVAL_GEN_UNTIL, LM_EVAL_GEN_ROWS, LM_EVAL_MC_ROWS,
-                     LM_EVAL_MC_TASK, LM_EVAL_PROMPT, REPO, VLLM_ENV, write_lm_eval_tasks)
+                     LM_EVAL_MC_TASK, LM_EVAL_PROMPT, REPO, VLLM_ENV, naive_greedy, write_lm_eval_tasks)
 
 MC_RIGHT = [0, 2, 3]  # the docs whose label is the model's own choice: acc = 3/5
 GEN_RIGHT = [0, 1]  # the docs whose answer is the model's own greedy text: exact_match = 2/5
@@ -55,14 +55,7 @@ def choice_loglikelihood(tokenizer, model, context: str, continuation: str) -> f
 
 def greedy_text(tokenizer, model, context: str) -> str:
     """Argmax decoding, one token at a time, up to the task's limit or eos; the text up to the stop string."""
-    ids = tokenizer(context)["input_ids"]
-    new = []
-    for _ in range(LM_EVAL_GEN_TOKENS):
-        with torch.inference_mode():
-            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
-        new.append(token)
-        if token == tokenizer.eos_token_id:
-            break
+    new = naive_greedy(model, tokenizer(context)["input_ids"], LM_EVAL_GEN_TOKENS, {tokenizer.eos_token_id})
     return tokenizer.decode(new, skip_special_tokens=True).split(LM_EVAL_GEN_UNTIL)[0]
 
 
@@ -189,12 +182,18 @@ def test_vllm_backend_gives_the_same_metrics(vllm_ready, teacher, designed_tasks
     Run in a fresh interpreter: vLLM changes the process it is imported in."""
     call = (f"run_lm_eval({str(teacher[0])!r}, {[LM_EVAL_MC_TASK, LM_EVAL_GEN_TASK]!r}, limit=None, fewshot=None, "
             f"backend='vllm', dtype='float32', include_path={str(designed_tasks)!r}, "
-            "engine=EngineOptions(extra={'enforce_eager': True}))")  # dadpo's engine flags reach lm-eval's vLLM
+            "engine=EngineOptions(extra={{{!r}: True}}))")
+    # dadpo's engine flags go to lm-eval's vLLM: eager (no graph compilation), and a misspelt one is refused
     code = ("import json\n"
             "from dadpo.engine import EngineOptions\n"
+            "from dadpo.errors import DadpoError\n"
             "from dadpo.eval.harness import run_lm_eval\n"
             "if __name__ == '__main__':\n"
-            f"    print('RESULT ' + json.dumps({call}))\n")
+            f"    print('RESULT ' + json.dumps({call.format('enforce_eager')}))\n"
+            "    try:\n"
+            f"        {call.format('enforce_eagre')}\n"
+            "    except DadpoError as error:\n"
+            "        print('REFUSED ' + str(error))\n")
     script = tmp_path / "run_vllm.py"
     script.write_text(code)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -207,3 +206,5 @@ def test_vllm_backend_gives_the_same_metrics(vllm_ready, teacher, designed_tasks
     assert got[LM_EVAL_MC_TASK]["value"] == pytest.approx(len(MC_RIGHT) / len(LM_EVAL_MC_ROWS))
     assert got[LM_EVAL_GEN_TASK]["metric"] == "exact_match"
     assert got[LM_EVAL_GEN_TASK]["value"] == pytest.approx(len(GEN_RIGHT) / len(LM_EVAL_GEN_ROWS))
+    refused = next(line for line in done.stdout.splitlines() if line.startswith("REFUSED "))
+    assert "--vllm-arg: enforce_eagre: not an argument of vllm.LLM" in refused

@@ -18,7 +18,7 @@ from dadpo.config import EvalConfig
 from dadpo.engine import EngineOptions
 from dadpo.errors import DadpoError
 from dadpo.eval.run import evaluate
-from support import VLLM_ENV, ScriptedJudge, write_jsonl
+from support import VLLM_ENV, ScriptedJudge, naive_greedy, write_jsonl
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three."]
 MAX_NEW = 6
@@ -60,13 +60,7 @@ def _greedy(model_dir, prompt: str) -> tuple[list[int], str]:
                                          add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     eos = _stop_ids(model_dir, tokenizer)
-    out = []
-    with torch.no_grad():
-        for _ in range(MAX_NEW):
-            token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
-            out.append(token)
-            if token in eos:
-                break
+    out = naive_greedy(model, ids, MAX_NEW, eos)
     return out, tokenizer.decode([t for t in out if t not in eos], skip_special_tokens=True)
 
 
@@ -203,7 +197,7 @@ def test_vllm_generated_responses_match_a_greedy_decode(vllm_ready, models, prom
     base = write_jsonl(tmp_path / "b.jsonl", [{"id": f"q{i}", "response": "0"} for i in range(len(QUESTIONS))])
     args = ["eval", "--prompts", prompts, "--baseline", f"b={base}", "--model", f"teacher={models['teacher']}",
             "--judge", "answer", "--backend", "vllm", "--dtype", "float32", "--max-new-tokens", MAX_NEW,
-            "--bootstrap", "20", "--out", out, "--vllm-arg", "enforce_eager=true"]  # the engine flags reach vLLM
+            "--bootstrap", "20", "--out", out, "--vllm-arg", "enforce_eager=true"]  # eager: no graph compilation
     result = run_cli(*args, env=VLLM_ENV, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     stored = pl.read_parquet(out / "responses" / "teacher.parquet")

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dadpo.pretrained import layer_pruned
-from support import ENV, REPO, VLLM_ENV, naive_logprob, run_cli, shard_rows, write_jsonl
+from support import ENV, REPO, VLLM_ENV, naive_greedy, naive_logprob, run_cli, shard_rows, write_jsonl
 
 PROMPTS = ["What is the capital of France? Answer in one short sentence.", "Say hello.", "Name one fruit.",
            "What is 2 plus 2? Reply with the number only.", "Give a one-word synonym for happy.",
@@ -60,9 +60,9 @@ def _ok(result) -> str:
 
 @pytest.fixture(scope="module")
 def pipeline(real_model, real_model_server, tmp_path_factory) -> dict:
-    """The steps above, run once. The module's one vLLM engine is real_model_server (the teacher
-    served, as a teacher too large for the node would be): cache-teacher scores the teacher through
-    it and the reference on the hf backend, as every other step runs."""
+    """The steps above, run once. generate samples on vLLM (two in-process eager engines, one after the
+    other); cache-teacher scores the teacher through real_model_server (served, as a teacher too large
+    for the node would be) and the reference on the hf backend, as the later steps run."""
     root = tmp_path_factory.mktemp("real")
     student = layer_pruned(real_model, root / "student", KEEP_LAYERS)
     prompts = write_jsonl(root / "prompts.jsonl", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)])
@@ -138,18 +138,6 @@ def test_prompts_and_end_of_turn_are_scored_as_the_model_emits_them(pipeline, to
     assert stops >= len(PROMPTS) // 2  # the teacher ends most of its answers itself
 
 
-def _hf_greedy(model, prompt_ids: list[int]) -> list[int]:
-    """A plain argmax decode (a full forward per token, no cache, no generate()) up to MAX_NEW_TOKENS or
-    <|im_end|>, which ends the returned ids as a stop token ends generate's."""
-    ids = []
-    with torch.no_grad():
-        while len(ids) < MAX_NEW_TOKENS:
-            ids.append(int(model(torch.tensor([prompt_ids + ids])).logits[0, -1].argmax()))
-            if ids[-1] == IM_END:
-                break
-    return ids
-
-
 @pytest.mark.vllm
 def test_generate_samples_the_teachers_greedy_tokens(pipeline, real_model):
     """generate (vLLM, temperature 0) against a plain HF float32 argmax decode of the same prompt ids:
@@ -159,7 +147,7 @@ def test_generate_samples_the_teachers_greedy_tokens(pipeline, real_model):
     assert rows["id"].to_list() == pairs["id"].to_list()
     # the teacher's prompt ids are the reference's (one tokenizer and template), checked by hand above
     teacher = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
-    plain = [_hf_greedy(teacher, prompt_ids) for prompt_ids in rows["ref_prompt_ids"].to_list()]
+    plain = [naive_greedy(teacher, ids, MAX_NEW_TOKENS, {IM_END}) for ids in rows["ref_prompt_ids"].to_list()]
     same = sum(sampled == greedy for sampled, greedy in zip(pairs["chosen_token_ids"].to_list(), plain))
     # fp32 on CPU: greedy paths agree unless two logits tie to within rounding
     assert same >= len(PROMPTS) - 1, (same, pairs["chosen_token_ids"].to_list(), plain)

@@ -112,6 +112,24 @@ def test_claim_two_and_the_dpo_stage_against_dsft_by_hand():
     assert ("Claim (2): rDPO does not break down here (its best setting against the best dDPO: +1.0 points at 20% "
             "pruning, -0.5 at 50%; 5 points would count) (does not agree).") in _render(results)
 
+    def set_rdpo(level: float, values: tuple[float, float]) -> str:
+        for row in results["runs"]:
+            if row["level"] == level and row["method"].startswith("rDPO"):
+                row["accuracy"] = values[row["seed"]]
+        return _render(results)
+
+    # 20%: rDPO (0.33, 0.37) = 0.35 against dDPO 0.40 is exactly -5.0 points: shown as -5.0, not a breakdown
+    # (0.35 - 0.40 is -0.050000000000000044 in floats)
+    text = set_rdpo(0.2, (0.33, 0.37))
+    assert "dSFT 45.0%, best dDPO 40.0% -> does not break down" in text
+    # 20%: 0.34 -> -6.0, a breakdown near the teacher only (50% still -0.5)
+    assert ("Claim (2): rDPO breaks down only near the teacher (its best setting against the best dDPO: -6.0 points "
+            "at 20% pruning, -0.5 at 50%), the opposite of the claim (disagrees).") in set_rdpo(0.2, (0.32, 0.36))
+    # and at 50% too: 0.20 against 0.26 -> -6.0
+    assert ("Claim (2): rDPO is more than 5 points below dDPO at both levels (its best setting against the best "
+            "dDPO: -6.0 points at 20% pruning, -6.0 at 50%): below dDPO, but not only far from the teacher (partly "
+            "agrees).") in set_rdpo(0.5, (0.18, 0.22))
+
 
 def test_real_weights_data_and_report():
     """real.py's task (every single-digit question, test and distillation prompts disjoint) and the report of

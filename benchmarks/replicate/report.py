@@ -66,8 +66,7 @@ def render_results(results: dict) -> str:
         f"stage ({'summed over workers' if results.get('workers', 1) > 1 else 'sequential'} where marked): {stages}.",
         "",
         *([f"**A pilot: {len(seeds)} seed(s), the --quick settings. It checks the wiring and sets the scale of the "
-           "numbers; it is not the replication (at least 3 seeds at the FULL settings), which has not been run "
-           "yet.**", ""] if real and (results.get("quick") or len(seeds) < 3) else []),
+           "numbers; it is not the replication (at least 3 seeds at the FULL settings).**", ""] if real and (results.get("quick") or len(seeds) < 3) else []),
         "## Setup",
         "",
         *(_real_setup(results, seeds) if real else _micro_setup(results, seeds)),
@@ -257,20 +256,25 @@ def claims(results: dict) -> list[str]:
             best_ddpo = max((_stats(_accuracy(grouped, d))[0] for d in ddpo.values()), default=float("nan"))
             means = {m: _stats(_accuracy(grouped, m))[0] for m in rdpo}
             worst = min(means.values())
-            rdpo_gap[level] = (max(means.values()) - best_ddpo, worst - sft)
             # a breakdown of rDPO's own: below DPO without the teacher (dDPO), not only below dSFT
-            if rdpo_gap[level][0] < -BREAKDOWN:
+            if not ddpo:
+                state = "no dDPO run to compare with"
+            elif _broke(max(means.values()) - best_ddpo):
                 state = "breaks down (its best setting more than 5 points below the best dDPO)"
             else:
                 state = "does not break down (its best setting within 5 points of the best dDPO)"
+            if ddpo:
+                rdpo_gap[level] = (max(means.values()) - best_ddpo, worst - sft)
             out.append(f"- {head}, claim (2) rDPO: " + ", ".join(f"{m} {v * 100:.1f}%" for m, v in means.items())
                        + f"; dSFT {sft * 100:.1f}%, best dDPO {best_ddpo * 100:.1f}% -> {state}.")
         best = max(grouped, key=lambda method: _stats(_accuracy(grouped, method))[0])
         dpo = [m for m in grouped if m != "dSFT"]
         if "dSFT" in grouped and dpo:
-            below = all(a < b for m in dpo for a, b in zip(_accuracy(grouped, m), _accuracy(grouped, "dSFT")))
+            sft_by_seed = {row["seed"]: row["accuracy"] for row in grouped["dSFT"]}
+            below = all(row["seed"] in sft_by_seed and row["accuracy"] < sft_by_seed[row["seed"]]
+                        for m in dpo for row in grouped[m])
             dpo_vs_sft[level] = (max(_stats(_accuracy(grouped, m))[0] for m in dpo) - sft,
-                                 below and len(grouped["dSFT"]) >= 2)
+                                 below and len(sft_by_seed) >= 2)
         out.append(f"- {head}: best on average {best} ({_stats(_accuracy(grouped, best))[0] * 100:.1f}%); dSFT alone "
                    f"{sft * 100:.1f}%; teacher {results['teacher']['accuracy'] * 100:.1f}%.")
     if len(rdpo_gap) >= 2:
@@ -307,11 +311,14 @@ def summary(tally: dict, rdpo_gap: dict, dpo_vs_sft: dict) -> list[str]:
                                                                           rdpo_gap[levels[-1]][0])
         gaps = f"its best setting against the best dDPO: {near[1] * 100:+.1f} points at {near[0]} pruning, " \
                f"{far[1] * 100:+.1f} at {far[0]}"
-        if far[1] < -BREAKDOWN and near[1] >= -BREAKDOWN:
+        if _broke(far[1]) and not _broke(near[1]):
             lines.append(f"Claim (2): rDPO breaks down only far from the teacher ({gaps}) (agrees).")
-        elif far[1] < -BREAKDOWN:
+        elif _broke(far[1]):
             lines.append(f"Claim (2): rDPO is more than 5 points below dDPO at both levels ({gaps}): below dDPO, "
                          "but not only far from the teacher (partly agrees).")
+        elif _broke(near[1]):
+            lines.append(f"Claim (2): rDPO breaks down only near the teacher ({gaps}), the opposite of the claim "
+                         "(disagrees).")
         else:
             lines.append(f"Claim (2): rDPO does not break down here ({gaps}; 5 points would count) (does not "
                          "agree).")
@@ -325,7 +332,13 @@ def summary(tally: dict, rdpo_gap: dict, dpo_vs_sft: dict) -> list[str]:
     return [" ".join(lines), ""]
 
 
-BREAKDOWN = 0.05  # accuracy below the best dDPO that counts as rDPO breaking down (5 points)
+BREAKDOWN = 5.0  # points of accuracy below the best dDPO that count as rDPO breaking down
+
+
+def _broke(gap: float) -> bool:
+    """rDPO's best minus the best dDPO (a fraction) more than BREAKDOWN points below, in points as printed
+    (rounded: a gap shown as -5.0 is never called a breakdown because of float error)."""
+    return round(gap * 100, 6) < -BREAKDOWN
 
 
 CAVEATS = [
@@ -347,8 +360,8 @@ CAVEATS = [
     "LLM-Pruner's gradient-based importance, and the recovery fine-tune uses ground truth.",
 ]
 REAL_CAVEATS = [
-    "- Scale. A 135M-parameter teacher on CPU, a few hundred distillation pairs, one DPO epoch; the paper uses "
-    "7B chat models, tens of thousands of pairs and GPT-4 as the judge of open-ended answers. What does not "
+    "- Scale. A 135M-parameter teacher on CPU, about a hundred distillation pairs per seed and level, one DPO "
+    "epoch; the paper uses 7B chat models, tens of thousands of pairs and GPT-4 as the judge of open-ended answers. What does not "
     "show here may still show at scale.",
     "- The task is exactly checkable, so the judge is answer match, not a model: no position or length bias, "
     "but only one kind of skill is measured. No judged win rate: the only model on this machine that could "

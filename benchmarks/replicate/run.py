@@ -352,7 +352,8 @@ def pair_statistics(pairs: Path, rejected_by: str, dropped: int) -> dict:
     rejected = [m[0]["content"] for m in frame["rejected"].to_list()]
     answers = frame["answer"].to_list()
     n = max(len(answers), 1)
-    return {"rows": len(answers), "rejected_by": rejected_by, "dropped": dropped, "teacher_correct": sum(answers_match(c, a) for c, a in zip(chosen, answers)) / n,
+    return {"rows": len(answers), "rejected_by": rejected_by, "dropped": dropped,
+            "teacher_correct": sum(answers_match(c, a) for c, a in zip(chosen, answers)) / n,
             "student_correct": sum(answers_match(r, a) for r, a in zip(rejected, answers)) / n,
             "identical": sum(c == r for c, r in zip(chosen, rejected)) / n}
 

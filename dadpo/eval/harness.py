@@ -18,6 +18,7 @@ import logging
 import math
 from pathlib import Path
 
+from dadpo.engine import EngineOptions
 from dadpo.errors import DadpoError
 
 BACKENDS = ("hf", "vllm")
@@ -126,12 +127,11 @@ def primary_metric(task_results: dict) -> tuple[str, float, float | None] | None
 
 
 def run_lm_eval(model: str, tasks: list[str], *, limit: int | None, fewshot: int | None, backend: str = "hf",
-                engine=None, dtype: str = "auto", include_path: str | None = None, seed: int = 0) -> dict:
+                engine: EngineOptions | None = None, dtype: str = "auto", include_path: str | None = None, seed: int = 0) -> dict:
     """lm-eval's `simple_evaluate` on `model` (a local folder or hub id), one task at a time on one loaded
     model: {task: {"metric", "value", "stderr"}}. Tasks are registry names or names of tasks that YAML
     files under `include_path` define. `engine` (dadpo.engine.EngineOptions) says how the model runs, as
     for every other dadpo pass. Any failure is one line naming the model (and the task)."""
-    from dadpo.engine import EngineOptions
     from dadpo.logprobs import default_device
     from dadpo.modeling import check_dtype
 
@@ -158,13 +158,9 @@ def run_lm_eval(model: str, tasks: list[str], *, limit: int | None, fewshot: int
     settings = {"batch_size": engine.batch_size}
     if backend == "vllm":
         # vLLM places the model itself (device is for hf); lm-eval hands its other arguments to vllm.LLM
-        from dadpo.engine import check_vllm_args
+        from dadpo.engine import vllm_engine_args
 
-        model_args.update(seed=seed, tensor_parallel_size=engine.tensor_parallel_size)
-        model_args.update({key: getattr(engine, key) for key in ("gpu_memory_utilization", "max_model_len")
-                           if getattr(engine, key) is not None})
-        check_vllm_args(engine.extra)
-        model_args.update(engine.extra)
+        model_args.update(vllm_engine_args(engine, seed=seed))
     else:
         settings["device"] = str(engine.device or default_device())
     try:

@@ -341,9 +341,11 @@ def _lm_eval(plan: _Plan, say) -> dict[str, dict]:
     tasks = [t.strip() for t in cfg.lm_eval_tasks.split(",") if t.strip()]
     if not tasks:
         raise DadpoError(f"--lm-eval-tasks {cfg.lm_eval_tasks!r}: no task named")
-    settings = {"tasks": tasks, "limit": cfg.lm_eval_limit, "fewshot": cfg.lm_eval_fewshot,
-                "include": cfg.lm_eval_include, "dtype": cfg.dtype, "seed": cfg.seed}
     backend = "vllm" if cfg.backend == "vllm" else "hf"
+    # what can change a score: a kept result is reused only under the same settings
+    settings = {"tasks": tasks, "limit": cfg.lm_eval_limit, "fewshot": cfg.lm_eval_fewshot,
+                "include": cfg.lm_eval_include, "dtype": cfg.dtype, "seed": cfg.seed, "backend": backend,
+                "max_model_len": cfg.engine.max_model_len, "vllm_args": cfg.engine.extra}
     results = {}
     for spec in [plan.baseline, *plan.models]:
         if spec.is_file:
