@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 REPLICATE = Path(__file__).resolve().parents[1] / "benchmarks" / "replicate"
 
 
@@ -49,13 +51,19 @@ def test_table_reports_eval_win_rate_and_mean_of_seed_bounds():
     }
     text = _render(results)
     lines = text.splitlines()
-    assert "| model | accuracy | win rate vs teacher | its 95% interval | wins | losses |" in lines
-    # pruned + recovery: one eval, its own interval
-    assert "| student: pruned + recovery | 80.0 | 45.0 | [41.0, 49.0] | 2.0 | 12.0 |" in lines
+    assert "| model | accuracy | its 95% interval | win rate vs teacher | its 95% interval | wins | losses |" in lines
+    # accuracy intervals, Wilson with z = 1.96 and n = 100 (z²/n = 0.038415, so the divisor is 1.038415):
+    # 80/100: centre (0.8 + 0.019207) / 1.038415 = 0.788926, half 1.96 x sqrt(0.0016 + 0.000096) / 1.038415
+    # = 0.077731 -> [71.1, 86.7]; the teacher's 90/100 likewise -> [82.6, 94.5]
+    assert "| teacher | 90.0 | [82.6, 94.5] | (baseline) | - | - | - |" in lines
+    # pruned + recovery: one eval, its own intervals
+    assert "| student: pruned + recovery | 80.0 | [71.1, 86.7] | 45.0 | [41.0, 49.0] | 2.0 | 12.0 |" in lines
     # dSFT over two seeds: means 87.0 / 48.5; sd of (0.86, 0.88) = 0.01414 -> 1.4, of (0.48, 0.49) -> 0.7;
-    # interval: mean lower bound (0.44 + 0.46) / 2 = 45.0, mean upper (0.52 + 0.53) / 2 = 52.5
-    assert "| dSFT | 87.0 ± 1.4 | 48.5 ± 0.7 | [45.0, 52.5] | 2.5 ± 0.7 | 5.5 ± 2.1 |" in lines
-    assert "| daDPO (b1=0.1, b2=0.1) | 91.0 ± 1.4 | 50.5 ± 0.7 | [47.5, 54.0] | 5.5 ± 0.7 | 4.5 ± 0.7 |" in lines
+    # win-rate interval: mean lower bound (0.44 + 0.46) / 2 = 45.0, mean upper (0.52 + 0.53) / 2 = 52.5;
+    # accuracy: 86/100 -> [0.7786, 0.9147], 88/100 -> [0.8019, 0.9300], their mean -> [79.0, 92.2]
+    assert "| dSFT | 87.0 ± 1.4 | [79.0, 92.2] | 48.5 ± 0.7 | [45.0, 52.5] | 2.5 ± 0.7 | 5.5 ± 2.1 |" in lines
+    assert any(line.startswith("| daDPO (b1=0.1, b2=0.1) | 91.0 ± 1.4 | [") and
+               line.endswith(" | 50.5 ± 0.7 | [47.5, 54.0] | 5.5 ± 0.7 | 4.5 ± 0.7 |") for line in lines)
     assert "`python benchmarks/replicate/run.py --out /tmp/x --set seeds=[0,1]`" in text
     assert "`--set seeds=[0,1]`" in text
     assert "tokenization rule 2 (data_specs/tokenization.v2.md)" in text
@@ -73,6 +81,20 @@ def test_table_reports_eval_win_rate_and_mean_of_seed_bounds():
     assert ("Pairs DPO learns from (seed 0): 10 generated (3 more left out by generate: an empty response), "
             "rejected side by the dSFT student; responses correct: teacher 90.0%, dSFT student 50.0%; "
             "identical (left out) 40.0%.") in _render(results).splitlines()
+
+
+def test_wilson_interval_by_hand():
+    """The accuracy interval: hand values at p = 0.5 (symmetric), p = 0 (not empty, lower bound 0) and p = 1."""
+    sys.path.insert(0, str(REPLICATE))
+    try:
+        from report import wilson_interval
+    finally:
+        sys.path.remove(str(REPLICATE))
+    # p = 0.5, n = 100: centre 0.5; half 1.96 x sqrt(0.0025 + 0.000096) / 1.038415 = 0.096168
+    assert wilson_interval(50, 100) == pytest.approx((0.403832, 0.596168), abs=1e-6)
+    # p = 0: centre = half = 0.019207 / 1.038415 = 0.018497 -> [0, 0.036993]
+    assert wilson_interval(0, 100) == pytest.approx((0.0, 0.036993), abs=1e-6)
+    assert wilson_interval(100, 100) == pytest.approx((1 - 0.036993, 1.0), abs=1e-6)
 
 
 def test_claim_two_and_the_dpo_stage_against_dsft_by_hand():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 PAPER = ("daDPO (arXiv 2506.15717) distils Vicuna-1.5-7B into copies of itself pruned by 20% and 50% (and "
@@ -26,6 +27,22 @@ def _interval(rows: list[dict]) -> str:
     bounds = [r["ci95"] for r in rows if r.get("ci95")]
     if not bounds:
         return "-"
+    return f"[{statistics.fmean(b[0] for b in bounds) * 100:.1f}, {statistics.fmean(b[1] for b in bounds) * 100:.1f}]"
+
+
+def wilson_interval(right: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion right/n (p = right/n):
+    (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n). Unlike p ± z·sqrt(p(1-p)/n) it stays in [0, 1]
+    and is not empty at p = 0 or 1."""
+    p, zz = right / n, z * z
+    center = (p + zz / (2 * n)) / (1 + zz / n)
+    half = z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)) / (1 + zz / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def _accuracy_interval(accuracies: list[float], n: int) -> str:
+    """The mean over seeds of each seed's Wilson interval of its right answers out of the n held-out prompts."""
+    bounds = [wilson_interval(round(a * n), n) for a in accuracies]
     return f"[{statistics.fmean(b[0] for b in bounds) * 100:.1f}, {statistics.fmean(b[1] for b in bounds) * 100:.1f}]"
 
 
@@ -66,7 +83,8 @@ def render_results(results: dict) -> str:
         f"stage ({'summed over workers' if results.get('workers', 1) > 1 else 'sequential'} where marked): {stages}.",
         "",
         *([f"**A pilot: {len(seeds)} seed(s), the --quick settings. It checks the wiring and sets the scale of the "
-           "numbers; it is not the replication (at least 3 seeds at the FULL settings).**", ""] if real and (results.get("quick") or len(seeds) < 3) else []),
+           "numbers; it is not the replication (at least 3 seeds at the FULL settings).**", ""]
+          if real and (results.get("quick") or len(seeds) < 3) else []),
         "## Setup",
         "",
         *(_real_setup(results, seeds) if real else _micro_setup(results, seeds)),
@@ -74,6 +92,7 @@ def render_results(results: dict) -> str:
         "## Results (% of held-out prompts, mean ± sd over seeds)",
         "",
     ]
+    questions = results["settings"]["test_prompts"]  # each accuracy is right answers out of these
     for level, student in results["students"].items():
         grouped = _by_method(runs, float(level))
         lines += [
@@ -82,15 +101,18 @@ def render_results(results: dict) -> str:
             f"({student['heads']} of {student['teacher_heads']} heads, MLP {student['intermediate_size']} of "
             f"{student['teacher_intermediate_size']} per layer)",
             "",
-            "| model | accuracy | win rate vs teacher | its 95% interval | wins | losses |",
-            "|---|---|---|---|---|---|",
-            f"| teacher | {results['teacher']['accuracy'] * 100:.1f} | (baseline) | - | - | - |",
-            f"| student: pruned + recovery | {student['accuracy'] * 100:.1f} | {student['win_rate'] * 100:.1f} | "
+            "| model | accuracy | its 95% interval | win rate vs teacher | its 95% interval | wins | losses |",
+            "|---|---|---|---|---|---|---|",
+            f"| teacher | {results['teacher']['accuracy'] * 100:.1f} | "
+            f"{_accuracy_interval([results['teacher']['accuracy']], questions)} | (baseline) | - | - | - |",
+            f"| student: pruned + recovery | {student['accuracy'] * 100:.1f} | "
+            f"{_accuracy_interval([student['accuracy']], questions)} | {student['win_rate'] * 100:.1f} | "
             f"{_interval([student])} | {student['wins'] * 100:.1f} | {student['losses'] * 100:.1f} |",
         ]
         for method, rows in grouped.items():
-            lines.append(f"| {method} | {_pm([r['accuracy'] for r in rows])} | {_pm([r['win_rate'] for r in rows])} "
-                         f"| {_interval(rows)} | {_pm([r['wins'] for r in rows])} "
+            accuracies = [r["accuracy"] for r in rows]
+            lines.append(f"| {method} | {_pm(accuracies)} | {_accuracy_interval(accuracies, questions)} "
+                         f"| {_pm([r['win_rate'] for r in rows])} | {_interval(rows)} | {_pm([r['wins'] for r in rows])} "
                          f"| {_pm([r['losses'] for r in rows])} |")
         if grouped:
             pairs = [rows[0]["pairs"] for rows in grouped.values()][0]
@@ -152,7 +174,7 @@ def _micro_setup(results: dict, seeds: list[int]) -> list[str]:
         "that is 2 x (this rate - 50)). With exactly checkable answers the rate is 50 + (accuracy - teacher "
         "accuracy) / 2; the wins and losses columns show its two parts. The 95% interval is eval's bootstrap "
         "over prompts (`ci95` in summary.json); rows over seeds give the **mean over seeds of each seed's "
-        "bounds** (the interval of a single run of that setting, not of the seed mean).",
+        "bounds** (the interval of a single run of that setting, not of the seed mean). " + ACCURACY_INTERVAL,
     ]
 
 
@@ -193,7 +215,7 @@ def _real_setup(results: dict, seeds: list[int]) -> list[str]:
         f"(at most {settings['eval_max_new_tokens']} new tokens), baseline = the teacher. Per question the student "
         "wins when only its answer is right, loses when only the teacher's is, else ties; win rate = (wins + "
         "ties/2) / questions, **50 = on par with the teacher**. The 95% interval is eval's bootstrap over the "
-        "questions; rows over seeds give the mean over seeds of each seed's bounds.",
+        "questions; rows over seeds give the mean over seeds of each seed's bounds. " + ACCURACY_INTERVAL,
     ]
 
 
@@ -359,6 +381,8 @@ CAVEATS = [
     "not need that (each model is tokenized with its own template). Pruning is by weight norms, not "
     "LLM-Pruner's gradient-based importance, and the recovery fine-tune uses ground truth.",
 ]
+ACCURACY_INTERVAL = ("The accuracy interval is the Wilson score 95% interval of the right answers out of the "
+                     "held-out prompts, averaged over seeds the same way.")
 REAL_CAVEATS = [
     "- Scale. A 135M-parameter teacher on CPU, about a hundred distillation pairs per seed and level, one DPO "
     "epoch; the paper uses 7B chat models, tens of thousands of pairs and GPT-4 as the judge of open-ended answers. What does not "
