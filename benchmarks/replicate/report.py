@@ -184,6 +184,10 @@ def _real_heading(level: float, student: dict) -> str:
             f"{student['removed'] * 100:.0f}% of the non-embedding weights)")
 
 
+def _times(copies: int) -> str:
+    return "each sampled once" if copies == 1 else f"each sampled {copies} times"
+
+
 def _real_setup(results: dict, seeds: list[int]) -> list[str]:
     settings = results["settings"]
     return [
@@ -193,8 +197,8 @@ def _real_setup(results: dict, seeds: list[int]) -> list[str]:
         "- Task: single-digit arithmetic, `What is 7 x 8? Reply with the number only.` (a + b and a x b for a, b "
         "in 1..9, a - b for b <= a), 207 distinct questions; answers are checked by `dadpo eval --judge answer` "
         f"(the last number in the reply). {settings['test_prompts']} questions are held out for evaluation; the "
-        f"other {207 - settings['test_prompts']} are the distillation prompts, each sampled "
-        f"{settings['distill_copies']} times ({results['distill_rows']} prompts). Teacher greedy accuracy on the "
+        f"other {207 - settings['test_prompts']} are the distillation prompts, "
+        f"{_times(settings['distill_copies'])} ({results['distill_rows']} rows). Teacher greedy accuracy on the "
         f"held-out questions: **{results['teacher']['accuracy'] * 100:.1f}%**.",
         "- Students: the teacher with whole decoder layers removed (structured depth pruning; the layers whose "
         "output turns their input least, block influence 1 - cos(h_in, h_out) on general calibration prompts, "
