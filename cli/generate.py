@@ -25,9 +25,13 @@ def generate_command(**flags):
     which, like the Parquet metadata, records the sampling settings, models and template date.
     The two models run one after the other, never both in memory. Re-running the same command
     after a crash or a stop signal continues from the last finished chunk.
+    A model served by vLLM (--teacher-url, --student-url) is sampled there: token ids go in, the
+    sampled ids come back; its flag (--teacher) still names the tokenizer and template.
     Example:
       dadpo generate --prompts prompts.jsonl --teacher Qwen/Qwen3-8B --student ./pruned-student \\
           --student-template-kwargs '{"enable_thinking": false}' --out pairs.parquet --temperature 0.7
+      dadpo generate ... --teacher meta-llama/Llama-3.3-70B-Instruct --teacher-url http://node7:8000 \\
+          --teacher-api-key-env TEACHER_KEY
     """
     from dadpo.generate import generate_pairs
 

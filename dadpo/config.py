@@ -20,6 +20,8 @@ from dadpo.tokenization import PROMPT_FORMATS
 from dadpo.training.config import LoopConfig
 
 LOGP_NORMS = ("sum", "mean")
+# A served model's requests (cache-teacher's --teacher-url/--reference-url, generate's --teacher-url/--student-url)
+SERVER_CONCURRENCY, SERVER_TIMEOUT_S, SERVER_RETRIES = 8, 300.0, 5
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,13 @@ class CacheTeacherConfig:
     reuse_from: list = option(help="An earlier cache whose scores are copied instead of computed, for every sequence "
                               "it scored under the same model weights, dtype and engine (repeatable).",
                               factory=list, metavar="OLD_CACHE")
-    server_concurrency: int = option(8, "Requests in flight per server (--teacher-url/--reference-url).")
-    server_timeout: float = option(300.0, "Seconds before a server request (the start-up check's too) is retried.")
-    server_retries: int = option(5, "Retries of a failed server request (connection errors, timeouts, 5xx), with "
-                                 "exponential backoff, before the start-up check or the pass stops; the cache stays "
-                                 "resumable.")
+    server_concurrency: int = option(SERVER_CONCURRENCY, "Requests in flight per server (--teacher-url/"
+                                     "--reference-url).")
+    server_timeout: float = option(SERVER_TIMEOUT_S, "Seconds before a server request (the start-up check's too) is "
+                                   "retried.")
+    server_retries: int = option(SERVER_RETRIES, "Retries of a failed server request (connection errors, timeouts, "
+                                 "5xx), with exponential backoff, before the start-up check or the pass stops; the "
+                                 "cache stays resumable.")
     plan_only: bool = option(False, "Tokenize every pending pair for every model (templates, length rule) into "
                              "CACHE/work and stop before any model loads: a dry run that finds bad pairs early; the "
                              "real run reuses the plan.")
@@ -116,6 +120,21 @@ class GenerateConfig:
     dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
     teacher_revision: str | None = option(None, "Hub revision (branch, tag or commit) of the teacher.")
     student_revision: str | None = option(None, "Hub revision of the student.")
+    teacher_url: str | None = option(None, "Sample the teacher through a running OpenAI-compatible vLLM server at "
+                                     "this URL; --teacher still names its tokenizer and template (prompts are sent "
+                                     "as token ids, the sampled ids come back).")
+    student_url: str | None = option(None, "Sample the student through a running vLLM server at this URL; "
+                                     "--student still names its tokenizer and template.")
+    teacher_api_key_env: str | None = option(None, "The environment variable holding the API key of the "
+                                             "--teacher-url server (a server started with --api-key); never printed "
+                                             "or written.", metavar="VAR")
+    student_api_key_env: str | None = option(None, "The environment variable holding the API key of the "
+                                             "--student-url server.", metavar="VAR")
+    server_concurrency: int = option(SERVER_CONCURRENCY, "Requests in flight per server (--teacher-url/"
+                                     "--student-url).")
+    server_timeout: float = option(SERVER_TIMEOUT_S, "Seconds before a server request is retried.")
+    server_retries: int = option(SERVER_RETRIES, "Retries of a failed server request (connection errors, timeouts, "
+                                 "5xx), with exponential backoff, before the pass stops; finished chunks are kept.")
     teacher_template_kwargs: str | None = option(None, "The teacher's chat-template variables as JSON, e.g. "
                                                  "'{\"reasoning_effort\": \"high\"}'.")
     student_template_kwargs: str | None = option(None, "The student's chat-template variables as JSON, e.g. "

@@ -11,8 +11,9 @@ rule (dadpo.tokenization), and samples until one of its stop tokens. The sampled
 included) travel in the output, so cache-teacher and sft score exactly what was sampled; the text
 is their decoding. Work goes in chunks of `chunk_size` prompts, each written atomically; a re-run
 skips the chunks on disk, so a crash or a stop signal costs at most one chunk. Chunk k is sampled
-from a seed derived from (seed, role, k) (hf) or each prompt from (seed, role, id) (vllm), so an
-interrupted run gives the same pairs as an uninterrupted one. The settings (sampling, models,
+from a seed derived from (seed, role, k) (hf) or each prompt from (seed, role, id) (vllm, or a
+model served by vLLM: --teacher-url/--student-url), so an interrupted run gives the same pairs as an
+uninterrupted one. The settings (sampling, models,
 template variables, the pinned template date) travel in the output's Parquet metadata (key
 "dadpo.generate") and in the sidecar OUT.generate.json.
 """
@@ -40,7 +41,8 @@ from dadpo.config import GenerateConfig
 from dadpo.ownership import ensure_owned, read_json_object
 from dadpo.pairs import decode_prompt, load_prompts
 from dadpo.runner import Progress, run_passes
-from dadpo.sampling import make_sampler
+from dadpo.sampling import make_sampler, served_model_settings
+from dadpo.scoring.client import served_key
 from dadpo.scoring import backend_version, pick_backend
 from dadpo.tokenization import check_date, parse_template_kwargs, today
 
@@ -68,10 +70,11 @@ def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
     work = work_dir(out)
     if cfg.overwrite:
         _refuse_unowned(cfg, out, work)  # before anything: --overwrite replaces OUT and removes OUT.work
-    backend = pick_backend(cfg.backend)
+    backend = pick_backend(cfg.backend) if not (cfg.teacher_url and cfg.student_url) else "server"
     existing = _settings_file(work)
     date = cfg.template_date or (existing or {}).get("template_date") or today()
-    sides = {role: _describe(cfg, role, backend, date) for role in ROLES}
+    keys = _api_keys(cfg)  # before any model is read: a missing key is found in a second
+    sides = {role: _describe(cfg, role, backend, date, keys[role]) for role in ROLES}
     with _scratch(out) as scratch:
         prompts = load_prompts(cfg.prompts, split=cfg.prompts_split, prompt_format=cfg.prompt_format, workdir=scratch)
         settings = {
@@ -101,12 +104,13 @@ def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
             os.replace(prompts.file, work / "prompts.parquet")
 
     num_chunks = math.ceil(prompts.num_rows / cfg.chunk_size)
-    jobs = [_PassJob(role, sides[role]["model"], str(work), [k for k in range(num_chunks)
-                                                             if not _chunk_path(work, role, k).exists()], cfg, backend,
-                     date) for role in ROLES]
+    jobs = [_PassJob(role, sides[role]["model"], str(work),
+                     [k for k in range(num_chunks) if not _chunk_path(work, role, k).exists()], cfg,
+                     "server" if sides[role]["server"] else backend, date, sides[role]["server"]) for role in ROLES]
     with stop.handling():
         # vLLM does not give all memory back in-process: each model's pass gets its own process
-        pass_stats = run_passes(run_pass, [job for job in jobs if job.chunks], isolated=lambda job: backend == "vllm")
+        pass_stats = run_passes(run_pass, [job for job in jobs if job.chunks],
+                                isolated=lambda job: job.backend == "vllm")
     rows, dropped, truncated = _assemble(out, work, num_chunks, settings)
     shutil.rmtree(work, ignore_errors=True)
     return GenerateSummary(str(out), rows, dropped, truncated, pass_stats, time.monotonic() - started)
@@ -144,23 +148,48 @@ def _check_flags(cfg: GenerateConfig) -> None:
     check_date(cfg.template_date)
     torch_dtype(cfg.dtype)
     check_device(cfg.engine.device)
+    if cfg.server_concurrency < 1:
+        raise DadpoError(f"--server-concurrency {cfg.server_concurrency}: must be at least 1")
 
 
-def _describe(cfg: GenerateConfig, role: str, backend: str, date: str) -> dict:
+def _api_keys(cfg: GenerateConfig) -> dict:
+    """role -> (the API key of its server, where it came from), or (None, None)."""
+    keys = {}
+    for role in ROLES:
+        var, url = getattr(cfg, f"{role}_api_key_env"), getattr(cfg, f"{role}_url")
+        keys[role] = served_key(var, f"--{role}-api-key-env", "", url) if var is not None else (None, None)
+    return keys
+
+
+def _describe(cfg: GenerateConfig, role: str, backend: str, date: str, key: tuple) -> dict:
+    """The role's model, its record for the settings and, when it is served (--ROLE-url), the
+    probed server's settings for the sampler."""
     flag = f"--{role}"
     resolved = resolve_model(getattr(cfg, role), getattr(cfg, f"{role}_revision"), flag)
     kwargs = parse_template_kwargs(getattr(cfg, f"{role}_template_kwargs"), f"--{role}-template-kwargs")
     tokenizer = model_tokenizer(resolved, flag, no_chat_template=cfg.no_chat_template, template_kwargs=kwargs,
                                 template_date=date, trust_remote_code=cfg.trust_remote_code)
-    record = {"model": getattr(cfg, role), "revision": resolved.revision, "weights_digest": weights_digest(resolved),
-              **tokenizer.record(), "dtype": resolved_dtype(resolved, cfg.dtype)}
-    return {"model": resolved, "record": record}
+    record = {"model": getattr(cfg, role), "revision": resolved.revision, **tokenizer.record()}
+    url = getattr(cfg, f"{role}_url")
+    if url:
+        server = served_model_settings(url, tokenizer, flag, api_key=key[0], key_source=key[1],
+                                       concurrency=cfg.server_concurrency, timeout_s=cfg.server_timeout,
+                                       retries=cfg.server_retries)
+        # the weights behind a server cannot be digested here: its model, version and length stand for them
+        return {"model": resolved, "server": server,
+                "record": {**record, "weights_digest": None, "dtype": "server", "server": server["record"]}}
+    return {"model": resolved, "server": None, "record": {**record, "weights_digest": weights_digest(resolved),
+                                                          "dtype": resolved_dtype(resolved, cfg.dtype)}}
 
 
 def _settings_for_reuse(settings: dict) -> dict:
-    """What must match for existing work to be reused: all but where the prompts file was read."""
+    """What must match for existing work to be reused: all but where the prompts file was read and
+    where a served model is reached (the same model may move to another host)."""
     kept = {k: v for k, v in settings.items() if k not in ("rows", "dropped", "truncated")}
     kept["prompts"] = {k: v for k, v in settings["prompts"].items() if k != "source"}
+    for role in ROLES:
+        if isinstance(kept.get(role), dict) and isinstance(kept[role].get("server"), dict):
+            kept[role] = {**kept[role], "server": {k: v for k, v in kept[role]["server"].items() if k != "url"}}
     return kept
 
 
@@ -260,8 +289,9 @@ class _PassJob:
     work: str
     chunks: list
     cfg: GenerateConfig
-    backend: str
+    backend: str  # hf, vllm or server
     date: str
+    server: dict | None  # served_model_settings' dict when the model is served
 
 
 def run_pass(job: _PassJob) -> dict:
@@ -273,7 +303,7 @@ def run_pass(job: _PassJob) -> dict:
                                 template_date=job.date, trust_remote_code=cfg.trust_remote_code)
     prompts = pl.read_parquet(Path(job.work) / "prompts.parquet", columns=["id", "prompt"])
     engine = make_sampler(job.backend, job.model, tokenizer, cfg.sampling, job.role, cfg.dtype, cfg.engine,
-                          cfg.trust_remote_code)
+                          cfg.trust_remote_code, job.server)
     progress = Progress(f"generate {job.role} {job.model.name} [{job.backend}]", len(job.chunks), "chunk",
                         cfg.progress)
     responses = tokens = 0

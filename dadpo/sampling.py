@@ -9,6 +9,8 @@ what cache-teacher later scores for this model (tokenization rule v2).
           RNG is seeded per call from (seed, stream, chunk)
     vllm  vllm.LLM.generate on TokensPrompt (dadpo.engine); every prompt gets its own seed from
           (seed, stream, id), so results do not depend on batching. Needs an `if __name__ == "__main__":` guard.
+    served a running vLLM server's /v1/completions on the prompt's ids (the served-model client,
+          dadpo.scoring.client), the vllm sampler's seeds; for a model too large for this node.
 
 sample_responses() is the one-call version (e.g. greedy evaluation of a trained student).
 """
@@ -39,8 +41,12 @@ def finish(ids: list[int], stops: set[int]) -> tuple[list[int], str]:
 
 
 def make_sampler(backend: str, model: ResolvedModel, tokenizer: ModelTokenizer, sampling: Sampling, stream: str,
-                 dtype: str = "auto", engine: EngineOptions = EngineOptions(), trust_remote_code: bool = False):
-    """An HFSampler or VLLMSampler; `stream` (e.g. "teacher") keeps two models' random draws apart."""
+                 dtype: str = "auto", engine: EngineOptions = EngineOptions(), trust_remote_code: bool = False,
+                 server: dict | None = None):
+    """An HFSampler, VLLMSampler or (server: served_model_settings' dict) ServedSampler; `stream`
+    (e.g. "teacher") keeps two models' random draws apart."""
+    if server is not None:
+        return ServedSampler(server, tokenizer, sampling, stream)
     cls = VLLMSampler if backend == "vllm" else HFSampler
     return cls(model, tokenizer, sampling, stream, dtype, engine, trust_remote_code)
 
@@ -130,6 +136,93 @@ class VLLMSampler:
 
     def close(self) -> None:
         shutdown_llm(self.__dict__.pop("llm", None))
+
+
+def served_model_settings(url: str, tokenizer: ModelTokenizer, flag: str, *, api_key: str | None,
+                          key_source: str | None, concurrency: int, timeout_s: float, retries: int) -> dict:
+    """Probe the server at url for the model `tokenizer` belongs to (dadpo.scoring.server.probe_server:
+    a vLLM server whose tokenizer and vocabulary agree) and return what ServedSampler needs; its
+    "record" (url without credentials, served model, vLLM version, max_model_len) is for the output's
+    settings. flag: the model's flag (--teacher), whose -url and -api-key-env flags messages name."""
+    from dadpo.scoring.server import probe_server
+
+    record = probe_server(url, tokenizer=tokenizer.tokenizer, max_length=None, where=f"{flag}-url",
+                          tokenizer_name=f"{flag}'s tokenizer", timeout_s=timeout_s, retries=retries, api_key=api_key,
+                          key_source=key_source or f"{flag}-api-key-env VAR")
+    return {"record": record, "api_key": api_key, "key_source": key_source, "concurrency": concurrency,
+            "timeout_s": timeout_s, "retries": retries, "where": f"{flag}-url"}
+
+
+class ServedSampler:
+    """Samples through a running vLLM OpenAI-compatible server (served_model_settings probes it first).
+
+    One request per prompt, POST /v1/completions with the prompt's token ids, the same per-prompt
+    seed as VLLMSampler, and every sampling knob given: a server fills what a request leaves out
+    from the model's generation_config.json (top_k, repetition_penalty...), which would change the
+    distribution behind the recorded settings. The answer's choices[0].token_ids (return_token_ids)
+    are the sampled ids; the server never tokenizes or detokenizes what is kept. A response the
+    server cut short of the tokens asked (its generation config's max_new_tokens is a hard cap) is
+    refused, never kept as if the model had been given room."""
+
+    def __init__(self, server: dict, tokenizer: ModelTokenizer, sampling: Sampling, stream: str):
+        from dadpo.scoring.client import Http
+
+        record = server["record"]
+        self.http = Http(record["url"], timeout_s=server["timeout_s"], retries=server["retries"], backoff_s=1.0,
+                         where=server["where"], api_key=server["api_key"], key_source=server["key_source"])
+        self.served_model, self.limit = record["served_model"], int(record["max_model_len"])
+        self.concurrency, self.sampling, self.stream = server["concurrency"], sampling, stream
+        self.stops = list(tokenizer.stop_ids)
+
+    def check_length(self, n: int, where: str) -> None:
+        if n >= self.limit:
+            raise DadpoError(f"{where}: the prompt is {n} tokens, the server's max_model_len is {self.limit}")
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], ids: Sequence[str], chunk: int = 0) -> list[tuple[list[int], str]]:
+        from dadpo.scoring.client import run_concurrently
+
+        results: list = [None] * len(prompt_ids)
+
+        def received(done: list) -> None:
+            for i, result in done:
+                results[i] = result
+
+        run_concurrently(list(zip(prompt_ids, ids)), lambda item, halt: self._sample_one(*item, halt), received,
+                         concurrency=self.concurrency, name="dadpo-sample")
+        return results
+
+    def _sample_one(self, prompt: Sequence[int], row_id: str, halt) -> tuple[list[int], str]:
+        from dadpo.scoring.client import Refused
+
+        s = self.sampling
+        max_tokens = min(s.max_new_tokens, self.limit - len(prompt))
+        payload = {"model": self.served_model, "prompt": [int(t) for t in prompt], "n": 1,
+                   "max_tokens": max_tokens, "temperature": s.temperature,
+                   "top_p": s.top_p, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                   "frequency_penalty": 0.0, "seed": derived_seed(s.seed, self.stream, row_id),
+                   "stop_token_ids": self.stops, "return_token_ids": True}
+        try:
+            answer = self.http.call("/v1/completions", payload, halt)
+        except Refused as exc:
+            raise self.http.fail(f"the server refused prompt '{row_id}' ({exc})") from None
+        try:
+            sampled = answer["choices"][0]["token_ids"]
+        except (KeyError, IndexError, TypeError):
+            sampled = None
+        if not isinstance(sampled, list) or not all(isinstance(t, int) for t in sampled):
+            raise self.http.fail(f"prompt '{row_id}': the answer has no choices[0].token_ids; dadpo needs a vLLM "
+                                 "server that returns sampled ids (return_token_ids, vLLM 0.10.2 or newer)")
+        ids, reason = finish(sampled, set(self.stops))  # vLLM's token_ids end with the stop token that ended them
+        if reason == "length" and len(ids) < max_tokens:
+            # a max_new_tokens in the server's generation config caps every request, whatever it asks
+            raise self.http.fail(f"prompt '{row_id}': the server cut the response at {len(ids)} new tokens, fewer "
+                                 f"than the {max_tokens} asked (a server started with a generation config whose "
+                                 "max_new_tokens caps every request?); lower --max-new-tokens or restart the "
+                                 "server without that cap")
+        return ids, reason
+
+    def close(self) -> None:
+        pass
 
 
 def sample_responses(model: str, prompts: Sequence[list[dict] | str], sampling: Sampling = Sampling(temperature=0.0),

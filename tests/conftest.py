@@ -273,9 +273,9 @@ def real_model_server(vllm_ready, real_model, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def serve_vllm(model: Path, log: Path):
+def serve_vllm(model: Path, log: Path, extra_args: tuple = ()):
     """`model` behind vLLM's OpenAI-compatible server on loopback (CPU, fp32, eager, max_model_len
-    512), started with an API key (as served models usually are): a fresh random one, or
+    512, then extra_args), started with an API key (as served models usually are): a fresh random one, or
     $DADPO_TEST_SERVER_KEY when set. Yields {"url", "model", "max_model_len", "log", "api_key",
     "key_env"} (key_env: VLLM_SERVER_KEY_ENV, the variable to hand the key to dadpo in); the
     server's whole process group (API server, engine core) is stopped on exit."""
@@ -287,7 +287,7 @@ def serve_vllm(model: Path, log: Path):
     api_key = os.environ.get(VLLM_SERVER_KEY_ENV) or secrets.token_urlsafe(24)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", str(VLLM_SERVER_MAX_MODEL_LEN)]
+               "--max-model-len", str(VLLM_SERVER_MAX_MODEL_LEN), *extra_args]
     # the key through vLLM's own variable (as --api-key would give it), not on a command line.
     # VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine core runs its worker itself (vLLM's "uni" executor;
     # the API server keeps its engine-core process), one process fewer importing vllm and torch:

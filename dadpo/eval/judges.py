@@ -15,7 +15,6 @@ caller can write them before the next ones arrive; a stop signal ends the run af
 
 from __future__ import annotations
 
-import queue
 import threading
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -23,7 +22,7 @@ from typing import Callable
 from dadpo import stop
 from dadpo.errors import DadpoError
 from dadpo.eval.verdicts import parse_verdict
-from dadpo.scoring.client import Http, Refused, key_from_env, redact_url
+from dadpo.scoring.client import Http, Refused, key_from_env, redact_url, run_concurrently
 
 RETRY_TEMPERATURE = 0.7
 _BACKOFF_S = 1.0
@@ -85,49 +84,9 @@ class ServedJudge:
     def run(self, requests: list[JudgeRequest], on_rows: Callable[[list[dict]], None]) -> None:
         if not requests:
             return
-        work: queue.SimpleQueue = queue.SimpleQueue()
-        for request in requests:
-            work.put(request)
-        answers: queue.SimpleQueue = queue.SimpleQueue()
-        halt = threading.Event()  # set on a failure or a stop: the workers stop taking requests
-
-        def worker() -> None:
-            while not halt.is_set():
-                try:
-                    request = work.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    answers.put((self._judge_one(request, halt), None))
-                except BaseException as exc:  # handed to the caller's thread, raised there
-                    answers.put((None, exc))
-                    return
-
-        for _ in range(min(self.concurrency, len(requests))):
-            threading.Thread(target=worker, name="dadpo-judge", daemon=True).start()
-        remaining = len(requests)
-        try:
-            while remaining:
-                try:
-                    first = answers.get(timeout=0.2)
-                except queue.Empty:
-                    stop.raise_if_requested()
-                    continue
-                batch = [first]
-                while True:  # whatever else finished meanwhile goes into the same write
-                    try:
-                        batch.append(answers.get_nowait())
-                    except queue.Empty:
-                        break
-                rows = [r for r, error in batch if error is None]
-                on_rows(rows)  # kept before a failure is raised
-                remaining -= len(rows)
-                for _, error in batch:
-                    if error is not None:
-                        raise error
-                stop.raise_if_requested()
-        finally:
-            halt.set()
+        # a stop signal ends the run after the rows in hand
+        run_concurrently(requests, self._judge_one, lambda done: on_rows([row for _, row in done]),
+                         concurrency=self.concurrency, name="dadpo-judge", poll=stop.raise_if_requested)
 
     def _judge_one(self, request: JudgeRequest, halt: threading.Event) -> dict:
         reply = None

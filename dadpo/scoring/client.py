@@ -14,13 +14,14 @@ import base64
 import http.client
 import json
 import os
+import queue
 import re
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from dadpo.errors import DadpoError
 
@@ -89,6 +90,15 @@ def key_from_env(var: str, flag: str, name: str = "") -> tuple[str, str]:
     if not key:
         raise DadpoError(f"{given}{var}: the environment variable {var} is {'empty' if key == '' else 'not set'}")
     return key, f"${var}"
+
+
+def served_key(var: str, flag: str, name: str, url: str | None) -> tuple[str, str]:
+    """key_from_env for `flag [NAME=]VAR`, refused when that model has no URL (is not served)."""
+    if not url:
+        served = flag.replace("-api-key-env", "-url") + (f" {name}=URL" if name else " URL")
+        shown = var if ENV_NAME.match(var) else "VAR"  # perhaps the key itself: not shown
+        raise DadpoError(f"{flag} {name + '=' if name else ''}{shown}: that model is not served (no {served})")
+    return key_from_env(var, flag, name)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -213,3 +223,62 @@ class Http:
 
     def fail(self, what: str) -> DadpoError:
         return DadpoError(f"{self.where} {self.url}: {what}")
+
+
+def run_concurrently(items: Sequence, call: Callable[[Any, threading.Event], Any],
+                     on_done: Callable[[list[tuple[int, Any]]], None], *, concurrency: int, name: str,
+                     poll: Callable[[], None] | None = None) -> None:
+    """call(item, halt) for every item on up to `concurrency` threads; on_done([(index, result), ...])
+    in the caller's thread with whatever finished since its last call, in completion order.
+
+    The first exception raised by a call is raised here, after on_done has had the results that
+    finished with it; `halt` is set then, so the other calls stop retrying (Http.call takes it).
+    poll() (e.g. stop.raise_if_requested) runs every 0.2 s while waiting. Daemon threads, not a
+    ThreadPoolExecutor: after Ctrl-C or an error the process can exit at once, without joining
+    threads that wait on a slow server."""
+    if not items:
+        return
+    work: queue.SimpleQueue = queue.SimpleQueue()
+    for index, item in enumerate(items):
+        work.put((index, item))
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    halt = threading.Event()
+
+    def worker() -> None:
+        while not halt.is_set():
+            try:
+                index, item = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                answers.put((index, call(item, halt), None))
+            except BaseException as exc:  # handed to the caller's thread, raised there
+                answers.put((index, None, exc))
+                return
+
+    for _ in range(min(concurrency, len(items))):
+        threading.Thread(target=worker, name=name, daemon=True).start()
+    remaining = len(items)
+    try:
+        while remaining:
+            try:
+                batch = [answers.get(timeout=0.2 if poll else None)]
+            except queue.Empty:
+                poll()
+                continue
+            while True:  # whatever else finished meanwhile goes to the same on_done
+                try:
+                    batch.append(answers.get_nowait())
+                except queue.Empty:
+                    break
+            done = [(index, result) for index, result, error in batch if error is None]
+            remaining -= len(done)
+            if done:
+                on_done(done)
+            for _, _, error in batch:
+                if error is not None:
+                    raise error
+            if poll:
+                poll()
+    finally:
+        halt.set()

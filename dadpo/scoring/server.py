@@ -19,15 +19,14 @@ dadpo's own), the server's key and the URL's credentials: dadpo.scoring.client.
 
 from __future__ import annotations
 
-import queue
 import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dadpo.errors import DadpoError, one_line
+from dadpo.errors import DadpoError
 from dadpo.scoring.base import Scorer, TokenizedSequence
-from dadpo.scoring.client import Http, Refused, one_line
+from dadpo.scoring.client import Http, Refused, one_line, run_concurrently
 
 _Http = Http  # the served client, also known by this name here
 _CLAMPED_NEG_INF = -9999.0
@@ -97,38 +96,15 @@ class ServerScorer(Scorer):
         if not todo:
             return result
 
-        # Daemon worker threads, not a ThreadPoolExecutor: after Ctrl-C or an error the process can
-        # exit at once, without joining threads that wait on a slow server (up to timeout_s).
-        work: queue.SimpleQueue = queue.SimpleQueue()
-        for item in todo:
-            work.put(item)
-        answers: queue.SimpleQueue = queue.SimpleQueue()
-        stop = threading.Event()  # set on the first failure: the other workers stop retrying
-
-        def worker() -> None:
-            while not stop.is_set():
-                try:
-                    i, ids, n_prompt = work.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    answers.put((i, len(ids), self._score_one(i, ids, n_prompt, stop), None))
-                except BaseException as exc:  # handed to the caller's thread, raised there
-                    answers.put((i, len(ids), None, exc))
-                    return
-
-        for _ in range(min(self.concurrency, len(todo))):
-            threading.Thread(target=worker, name="dadpo-score", daemon=True).start()
-        try:
-            for _ in range(len(todo)):
-                i, length, logprob, error = answers.get()
-                if error is not None:
-                    raise error
+        def scored(done: list[tuple[int, float]]) -> None:
+            for k, logprob in done:
+                i, ids, _ = todo[k]
                 result[i] = logprob
                 if on_tokens is not None:  # progress from the caller's thread only
-                    on_tokens(length)
-        finally:
-            stop.set()
+                    on_tokens(len(ids))
+
+        run_concurrently(todo, lambda item, halt: self._score_one(*item, halt), scored,
+                         concurrency=self.concurrency, name="dadpo-score")
         return result
 
     def _score_one(self, i: int, ids: list[int], n_prompt: int, stop: threading.Event) -> float:
