@@ -76,11 +76,20 @@ def test_table_reports_eval_win_rate_and_mean_of_seed_bounds():
     # a record without `rejected_by` counted the first generation: its rejected side is the pruned student's
     assert ("Pairs (seed 0) generated with the pruned student: 10; responses correct: teacher 90.0%, pruned "
             "student 50.0%; identical 40.0%.") in lines
+    # the dSFT student's pairs, one record per seed: teacher right on 9 and 7 of 10, the student on 5, 4 identical
     for row in results["runs"]:
-        row["pairs"] = dict(row["pairs"], rejected_by="dSFT student", dropped=3)
-    assert ("Pairs DPO learns from (seed 0): 10 generated (3 more left out by generate: an empty response), "
-            "rejected side by the dSFT student; responses correct: teacher 90.0%, dSFT student 50.0%; "
-            "identical (left out) 40.0%.") in _render(results).splitlines()
+        row["pairs"] = dict(row["pairs"], rejected_by="dSFT student", dropped=3,
+                            teacher_correct=0.9 if row["seed"] == 0 else 0.7)
+    # mean ± sd: (0.9, 0.7) -> 80.0 ± 14.1. Wilson, n = 10 (z²/n = 0.384146, divisor 1.384146, z²/4n² = 0.0096036):
+    # 9/10: centre 1.092073 / 1.384146 = 0.788990, half 1.96 x sqrt(0.009 + 0.0096036) / 1.384146 = 0.193136;
+    # 7/10: centre 0.644495, half 1.96 x sqrt(0.021 + 0.0096036) / 1.384146 = 0.247714; mean bounds
+    # ((0.595854 + 0.396781) / 2, (0.982126 + 0.892209) / 2) -> [49.6, 93.7]. 5/10: centre 0.5, half
+    # 1.96 x sqrt(0.025 + 0.0096036) / 1.384146 = 0.263413 -> [23.7, 76.3]; 4/10: centre 0.427753, half
+    # 1.96 x sqrt(0.024 + 0.0096036) / 1.384146 = 0.259578 -> [16.8, 68.7]
+    assert ("Pairs DPO learns from, over 2 seed(s) (mean ± sd, then the Wilson 95% interval of a seed's fraction "
+            "averaged over seeds): 10, 10 generated (6 more left out by generate: an empty response), rejected side "
+            "by the dSFT student; responses correct: teacher 80.0 ± 14.1% [49.6, 93.7], dSFT student 50.0 ± 0.0% "
+            "[23.7, 76.3]; identical (left out) 40.0 ± 0.0% [16.8, 68.7].") in _render(results).splitlines()
 
 
 def test_wilson_interval_by_hand():
@@ -119,20 +128,27 @@ def test_claim_two_and_the_dpo_stage_against_dsft_by_hand():
                         for level, methods in accuracies.items() for method, values in methods.items()
                         for seed in (0, 1)]}
     text = _render(results)
-    # 20%: rDPO best 0.41, dDPO best 0.40 -> +1.0; 50%: rDPO 0.175, dDPO 0.26 -> -8.5 (more than 5: breaks down)
-    # DPO minus dSFT: 20% best daDPO 0.42 - 0.45 = -3.0, every setting below dSFT on both seeds;
-    # 50% best daDPO 0.27 - 0.25 = +2.0 (dDPO ties dSFT on seed 1: not every setting below)
-    assert ("Claim (2): rDPO breaks down only far from the teacher (its best setting against the best dDPO: +1.0 "
-            "points at 20% pruning, -8.5 at 50%) (agrees). Best DPO-family result minus dSFT: 20% pruning -3.0 points "
-            "(every DPO-family setting below dSFT on every seed), 50% pruning +2.0 points.") in text
-    assert "dSFT 45.0%, best dDPO 40.0% -> does not break down (its best setting within 5 points" in text
-    assert "dSFT 25.0%, best dDPO 26.0% -> breaks down (its best setting more than 5 points below" in text
+    # Paired by seed, mean ± sd of the differences. 20%: rDPO - dDPO (0.45 - 0.45, 0.37 - 0.35) = (0, +2) points
+    # -> +1.0 ± 1.4; 50%: (0.15 - 0.22, 0.20 - 0.30) = (-7, -10) -> -8.5 ± 2.1 (more than 5: breaks down).
+    # DPO minus dSFT: 20% best daDPO (0.46 - 0.50, 0.38 - 0.40) = (-4, -2) -> -3.0 ± 1.4, every setting below dSFT
+    # on both seeds; 50% best daDPO (0.22 - 0.20, 0.32 - 0.30) -> +2.0 ± 0.0 (dDPO ties dSFT on seed 1: not every
+    # setting below)
+    assert ("Claim (2): rDPO breaks down only far from the teacher (its best setting against the best dDPO, paired "
+            "by seed: +1.0 ± 1.4 points at 20% pruning, -8.5 ± 2.1 at 50%) (agrees). Best DPO-family result minus "
+            "dSFT, paired by seed: 20% pruning -3.0 ± 1.4 points (every DPO-family setting below dSFT on every seed), "
+            "50% pruning +2.0 ± 0.0 points.") in text
+    # sd of (0.50, 0.40) and of (0.45, 0.35): 7.1; of (0.22, 0.30): 5.7
+    assert ("rDPO (b1=0, b2=0.1) 41.0 ± 5.7%; dSFT 45.0 ± 7.1%, best dDPO 40.0 ± 7.1% -> does not break down (its "
+            "best setting within 5 points") in text
+    assert "dSFT 25.0 ± 7.1%, best dDPO 26.0 ± 5.7% -> breaks down (its best setting more than 5 points below" in text
     # rDPO level with dDPO at 50% as well: no breakdown anywhere
     for row in results["runs"]:
         if row["level"] == 0.5 and row["method"].startswith("rDPO"):
             row["accuracy"] += 0.08
-    assert ("Claim (2): rDPO does not break down here (its best setting against the best dDPO: +1.0 points at 20% "
-            "pruning, -0.5 at 50%; 5 points would count) (does not agree).") in _render(results)
+    # 50%: (0.23 - 0.22, 0.28 - 0.30) = (+1, -2) -> -0.5 ± 2.1
+    assert ("Claim (2): rDPO does not break down here (its best setting against the best dDPO, paired by seed: "
+            "+1.0 ± 1.4 points at 20% pruning, -0.5 ± 2.1 at 50%; 5 points would count) (does not agree).") \
+        in _render(results)
 
     def set_rdpo(level: float, values: tuple[float, float]) -> str:
         for row in results["runs"]:
@@ -143,14 +159,15 @@ def test_claim_two_and_the_dpo_stage_against_dsft_by_hand():
     # 20%: rDPO (0.33, 0.37) = 0.35 against dDPO 0.40 is exactly -5.0 points: shown as -5.0, not a breakdown
     # (0.35 - 0.40 is -0.050000000000000044 in floats)
     text = set_rdpo(0.2, (0.33, 0.37))
-    assert "dSFT 45.0%, best dDPO 40.0% -> does not break down" in text
-    # 20%: 0.34 -> -6.0, a breakdown near the teacher only (50% still -0.5)
-    assert ("Claim (2): rDPO breaks down only near the teacher (its best setting against the best dDPO: -6.0 points "
-            "at 20% pruning, -0.5 at 50%), the opposite of the claim (disagrees).") in set_rdpo(0.2, (0.32, 0.36))
-    # and at 50% too: 0.20 against 0.26 -> -6.0
+    assert "dSFT 45.0 ± 7.1%, best dDPO 40.0 ± 7.1% -> does not break down" in text
+    # 20%: (0.32 - 0.45, 0.36 - 0.35) = (-13, +1) -> -6.0 ± 9.9, a breakdown near the teacher only (50% still -0.5)
+    assert ("Claim (2): rDPO breaks down only near the teacher (its best setting against the best dDPO, paired by "
+            "seed: -6.0 ± 9.9 points at 20% pruning, -0.5 ± 2.1 at 50%), the opposite of the claim (disagrees).") \
+        in set_rdpo(0.2, (0.32, 0.36))
+    # and at 50% too: (0.18 - 0.22, 0.22 - 0.30) = (-4, -8) -> -6.0 ± 2.8
     assert ("Claim (2): rDPO is more than 5 points below dDPO at both levels (its best setting against the best "
-            "dDPO: -6.0 points at 20% pruning, -6.0 at 50%): below dDPO, but not only far from the teacher (partly "
-            "agrees).") in set_rdpo(0.5, (0.18, 0.22))
+            "dDPO, paired by seed: -6.0 ± 9.9 points at 20% pruning, -6.0 ± 2.8 at 50%): below dDPO, but not only far "
+            "from the teacher (partly agrees).") in set_rdpo(0.5, (0.18, 0.22))
 
 
 def test_real_weights_data_and_report():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from functools import partial
 
 PAPER = ("daDPO (arXiv 2506.15717) distils Vicuna-1.5-7B into copies of itself pruned by 20% and 50% (and "
          "Qwen2.5-7B into Qwen2.5-1.5B). Claims checked here: (1) daDPO restores more of the teacher than dDPO "
@@ -115,28 +116,42 @@ def render_results(results: dict) -> str:
                          f"| {_pm([r['win_rate'] for r in rows])} | {_interval(rows)} | {_pm([r['wins'] for r in rows])} "
                          f"| {_pm([r['losses'] for r in rows])} |")
         if grouped:
-            pairs = [rows[0]["pairs"] for rows in grouped.values()][0]
-            lines += ["", _pairs_line(pairs, seeds[0])
-                      + (f" Median |h_ref - h_te| over the {pairs['preference_pairs']} cached pairs, per seed: "
-                         + ", ".join(f"{rows_['pairs']['median_gap']:.3g}" for rows_ in grouped["dSFT"])
-                         + " nats." if "median_gap" in pairs and "dSFT" in grouped else "")]
+            per_seed = [row["pairs"] for row in grouped.get("dSFT") or next(iter(grouped.values()))]
+            lines += ["", _pairs_line(per_seed, seeds[0])
+                      + (" Median |h_ref - h_te| over the cached pairs (" + ", ".join(
+                          str(p["preference_pairs"]) for p in per_seed) + "), per seed: "
+                         + ", ".join(f"{p['median_gap']:.3g}" for p in per_seed)
+                         + " nats." if all("median_gap" in p for p in per_seed) else "")]
         lines.append("")
     lines += [f"## The paper's claims {'on real weights' if real else 'at micro scale'}", "", PAPER, ""]
     return "\n".join(lines + claims(results)) + "\n"
 
 
-def _pairs_line(pairs: dict, seed: int) -> str:
-    """One seed's distillation pairs. Records before `rejected_by` counted the first generation's pairs, whose
-    rejected side is the pruned student's, even when DPO learnt from the dSFT student's (rejected_from="dsft")."""
+def _fraction(pairs: list[dict], key: str) -> str:
+    """A fraction of each seed's pairs: mean ± sd over seeds, then the mean over seeds of each seed's Wilson
+    95% interval (its count out of its rows)."""
+    values = [p[key] for p in pairs]
+    bounds = [wilson_interval(round(p[key] * p["rows"]), p["rows"]) for p in pairs]
+    return (f"{_pm(values)}% [{statistics.fmean(b[0] for b in bounds) * 100:.1f}, "
+            f"{statistics.fmean(b[1] for b in bounds) * 100:.1f}]")
+
+
+def _pairs_line(per_seed: list[dict], seed: int) -> str:
+    """The distillation pairs, one record per seed. Records before `rejected_by` counted the first generation's
+    pairs, whose rejected side is the pruned student's, even when DPO learnt from the dSFT student's
+    (rejected_from="dsft"); they are shown for the first seed only, as they were."""
+    pairs = per_seed[0]
     if "rejected_by" not in pairs:
         return (f"Pairs (seed {seed}) generated with the pruned student: {pairs['rows']}; responses correct: teacher "
                 f"{pairs['teacher_correct'] * 100:.1f}%, pruned student {pairs['student_correct'] * 100:.1f}%; "
                 f"identical {pairs['identical'] * 100:.1f}%.")
-    dropped = f" ({pairs['dropped']} more left out by generate: an empty response)" if pairs["dropped"] else ""
-    return (f"Pairs DPO learns from (seed {seed}): {pairs['rows']} generated{dropped}, rejected side by the "
-            f"{pairs['rejected_by']}; responses correct: teacher {pairs['teacher_correct'] * 100:.1f}%, "
-            f"{pairs['rejected_by']} {pairs['student_correct'] * 100:.1f}%; identical (left out) "
-            f"{pairs['identical'] * 100:.1f}%.")
+    dropped = sum(p["dropped"] for p in per_seed)
+    dropped = f" ({dropped} more left out by generate: an empty response)" if dropped else ""
+    return (f"Pairs DPO learns from, over {len(per_seed)} seed(s) (mean ± sd, then the Wilson 95% interval of a "
+            f"seed's fraction averaged over seeds): {', '.join(str(p['rows']) for p in per_seed)} generated{dropped}, "
+            f"rejected side by the {pairs['rejected_by']}; responses correct: teacher "
+            f"{_fraction(per_seed, 'teacher_correct')}, {pairs['rejected_by']} {_fraction(per_seed, 'student_correct')}; "
+            f"identical (left out) {_fraction(per_seed, 'identical')}.")
 
 
 def _micro_setup(results: dict, seeds: list[int]) -> list[str]:
@@ -227,6 +242,21 @@ def _accuracy(grouped: dict, method: str) -> list[float]:
     return [r["accuracy"] for r in grouped[method]]
 
 
+def _mean(grouped: dict, method: str) -> float:
+    return _stats(_accuracy(grouped, method))[0]
+
+
+def _paired(grouped: dict, method: str, base: str) -> list[float]:
+    """method's accuracy minus base's, seed by seed (the seeds both have)."""
+    base_by_seed = {r["seed"]: r["accuracy"] for r in grouped[base]}
+    return [r["accuracy"] - base_by_seed[r["seed"]] for r in grouped[method] if r["seed"] in base_by_seed]
+
+
+def _points(diffs: list[float]) -> str:
+    m, sd = _stats(diffs)
+    return f"{m * 100:+.1f} ± {sd * 100:.1f}"
+
+
 def _clear(diffs: list[float]) -> int:
     """+1 / -1 when the paired differences point the same way on at least 80% of the seeds (and on
     average), else 0: with 5 seeds a difference that flips sign between seeds is not a result."""
@@ -276,39 +306,42 @@ def claims(results: dict) -> list[str]:
                 out.append(f"  - {method} - {base}: {m * 100:+.1f} ± {sd * 100:.1f} points (better on "
                            f"{sum(d > 0 for d in diffs)}, worse on {sum(d < 0 for d in diffs)} of {len(diffs)} seeds)"
                            + {1: "; clearly better", -1: "; clearly worse", 0: ""}[clear])
-        sft = _stats(_accuracy(grouped, "dSFT"))[0] if "dSFT" in grouped else float("nan")
         rdpo = [m for m in grouped if m.startswith("rDPO")]
         if rdpo:
-            best_ddpo = max((_stats(_accuracy(grouped, d))[0] for d in ddpo.values()), default=float("nan"))
-            means = {m: _stats(_accuracy(grouped, m))[0] for m in rdpo}
-            worst = min(means.values())
+            mean = partial(_mean, grouped)
+            best_ddpo = max(ddpo.values(), key=mean, default=None)
+            best_rdpo, worst_rdpo = max(rdpo, key=mean), min(rdpo, key=mean)
             # a breakdown of rDPO's own: below DPO without the teacher (dDPO), not only below dSFT
             if not ddpo:
                 state = "no dDPO run to compare with"
-            elif _broke(max(means.values()) - best_ddpo):
+            elif _broke(mean(best_rdpo) - mean(best_ddpo)):
                 state = "breaks down (its best setting more than 5 points below the best dDPO)"
             else:
                 state = "does not break down (its best setting within 5 points of the best dDPO)"
-            if ddpo:
-                rdpo_gap[level] = (max(means.values()) - best_ddpo, worst - sft)
-            out.append(f"- {head}, claim (2) rDPO: " + ", ".join(f"{m} {v * 100:.1f}%" for m, v in means.items())
-                       + f"; dSFT {sft * 100:.1f}%, best dDPO {best_ddpo * 100:.1f}% -> {state}.")
+            if ddpo and "dSFT" in grouped:
+                # per seed: rDPO's best minus the best dDPO, rDPO's worst minus dSFT
+                rdpo_gap[level] = (_paired(grouped, best_rdpo, best_ddpo), _paired(grouped, worst_rdpo, "dSFT"))
+            out.append(f"- {head}, claim (2) rDPO: " + ", ".join(f"{m} {_pm(_accuracy(grouped, m))}%" for m in rdpo)
+                       + (f"; dSFT {_pm(_accuracy(grouped, 'dSFT'))}%" if "dSFT" in grouped else "")
+                       + (f", best dDPO {_pm(_accuracy(grouped, best_ddpo))}%" if best_ddpo else "")
+                       + f" -> {state}.")
         best = max(grouped, key=lambda method: _stats(_accuracy(grouped, method))[0])
         dpo = [m for m in grouped if m != "dSFT"]
         if "dSFT" in grouped and dpo:
             sft_by_seed = {row["seed"]: row["accuracy"] for row in grouped["dSFT"]}
             below = all(row["seed"] in sft_by_seed and row["accuracy"] < sft_by_seed[row["seed"]]
                         for m in dpo for row in grouped[m])
-            dpo_vs_sft[level] = (max(_stats(_accuracy(grouped, m))[0] for m in dpo) - sft,
-                                 below and len(sft_by_seed) >= 2)
-        out.append(f"- {head}: best on average {best} ({_stats(_accuracy(grouped, best))[0] * 100:.1f}%); dSFT alone "
-                   f"{sft * 100:.1f}%; teacher {results['teacher']['accuracy'] * 100:.1f}%.")
+            best_dpo = max(dpo, key=partial(_mean, grouped))
+            dpo_vs_sft[level] = (_paired(grouped, best_dpo, "dSFT"), below and len(sft_by_seed) >= 2)
+        out.append(f"- {head}: best on average {best} ({_pm(_accuracy(grouped, best))}%); dSFT alone "
+                   + (f"{_pm(_accuracy(grouped, 'dSFT'))}%" if "dSFT" in grouped else "-")
+                   + f"; teacher {results['teacher']['accuracy'] * 100:.1f}%.")
     if len(rdpo_gap) >= 2:
         levels = sorted(rdpo_gap, key=float)
-        out.append("- rDPO against the best dDPO (its best setting): " + ", ".join(
-            f"{float(level):.0%} pruning {rdpo_gap[level][0] * 100:+.1f} points" for level in levels)
+        out.append("- rDPO against the best dDPO (its best setting, paired by seed): " + ", ".join(
+            f"{float(level):.0%} pruning {_points(rdpo_gap[level][0])} points" for level in levels)
             + "; its worst setting against dSFT: " + ", ".join(
-            f"{float(level):.0%} pruning {rdpo_gap[level][1] * 100:+.1f}" for level in levels) + " points.")
+            f"{float(level):.0%} pruning {_points(rdpo_gap[level][1])}" for level in levels) + " points.")
     seeds = len({row["seed"] for row in runs})
     return (summary(tally, rdpo_gap, dpo_vs_sft) + out + ["", "## What this does and does not show", ""]
             + (REAL_CAVEATS if results.get("experiment") == "real" else CAVEATS)
@@ -333,10 +366,11 @@ def summary(tally: dict, rdpo_gap: dict, dpo_vs_sft: dict) -> list[str]:
     lines = [f"**In short.** Claim (1): {'; '.join(parts)}."]
     if len(rdpo_gap) >= 2:
         levels = sorted(rdpo_gap, key=float)
-        near, far = (f"{float(levels[0]):.0%}", rdpo_gap[levels[0]][0]), (f"{float(levels[-1]):.0%}",
-                                                                          rdpo_gap[levels[-1]][0])
-        gaps = f"its best setting against the best dDPO: {near[1] * 100:+.1f} points at {near[0]} pruning, " \
-               f"{far[1] * 100:+.1f} at {far[0]}"
+        near_diffs, far_diffs = rdpo_gap[levels[0]][0], rdpo_gap[levels[-1]][0]
+        near, far = (f"{float(levels[0]):.0%}", _stats(near_diffs)[0]), (f"{float(levels[-1]):.0%}",
+                                                                          _stats(far_diffs)[0])
+        gaps = f"its best setting against the best dDPO, paired by seed: {_points(near_diffs)} points at " \
+               f"{near[0]} pruning, {_points(far_diffs)} at {far[0]}"
         if _broke(far[1]) and not _broke(near[1]):
             lines.append(f"Claim (2): rDPO breaks down only far from the teacher ({gaps}) (agrees).")
         elif _broke(far[1]):
@@ -349,12 +383,12 @@ def summary(tally: dict, rdpo_gap: dict, dpo_vs_sft: dict) -> list[str]:
             lines.append(f"Claim (2): rDPO does not break down here ({gaps}; 5 points would count) (does not "
                          "agree).")
     levels = sorted(dpo_vs_sft, key=float)
-    lines.append("Best DPO-family result minus dSFT: " + ", ".join(
-        f"{float(level):.0%} pruning {dpo_vs_sft[level][0] * 100:+.1f} points"
+    lines.append("Best DPO-family result minus dSFT, paired by seed: " + ", ".join(
+        f"{float(level):.0%} pruning {_points(dpo_vs_sft[level][0])} points"
         + (" (every DPO-family setting below dSFT on every seed)" if dpo_vs_sft[level][1] else "")
         for level in levels)
         + (" (at this scale the DPO stage adds little or nothing on top of dSFT)."
-           if max(gain for gain, _ in dpo_vs_sft.values()) < 0.01 else "."))
+           if max(_stats(gains)[0] for gains, _ in dpo_vs_sft.values()) < 0.01 else "."))
     return [" ".join(lines), ""]
 
 
