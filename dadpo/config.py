@@ -115,9 +115,11 @@ class GenerateConfig:
     prompts_split: str | None = option(None, "Split of a Hub dataset id or a folder of data files.")
     prompt_format: str = option("chat", "chat: a string prompt is one user turn, rendered by each model's chat "
                                 "template; raw: string prompts are already-formatted text.", choices=PROMPT_FORMATS)
-    backend: str = option("auto", "auto (vllm when installed, else hf), hf or vllm.")
+    backend: str = option("auto", "auto (vllm when installed, else hf), hf or vllm: the engine of a model that is "
+                          "not served (--teacher-url, --student-url).")
     sampling: Sampling = option(help="", factory=Sampling)
-    dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16.")
+    dtype: str = option("auto", "auto (the config's dtype), float32, bfloat16 or float16 (a served model keeps its "
+                        "server's).")
     teacher_revision: str | None = option(None, "Hub revision (branch, tag or commit) of the teacher.")
     student_revision: str | None = option(None, "Hub revision of the student.")
     teacher_url: str | None = option(None, "Sample the teacher through a running OpenAI-compatible vLLM server at "

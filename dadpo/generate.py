@@ -42,7 +42,7 @@ from dadpo.ownership import ensure_owned, read_json_object
 from dadpo.pairs import decode_prompt, load_prompts
 from dadpo.runner import Progress, run_passes
 from dadpo.sampling import make_sampler, served_model_settings
-from dadpo.scoring.client import served_key
+from dadpo.scoring.client import check_server_flags, served_key
 from dadpo.scoring import backend_version, pick_backend
 from dadpo.tokenization import check_date, parse_template_kwargs, today
 
@@ -70,7 +70,9 @@ def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
     work = work_dir(out)
     if cfg.overwrite:
         _refuse_unowned(cfg, out, work)  # before anything: --overwrite replaces OUT and removes OUT.work
-    backend = pick_backend(cfg.backend) if not (cfg.teacher_url and cfg.student_url) else "server"
+    backend = pick_backend(cfg.backend)  # for the models not served
+    if cfg.teacher_url and cfg.student_url:
+        backend = "server"
     existing = _settings_file(work)
     date = cfg.template_date or (existing or {}).get("template_date") or today()
     keys = _api_keys(cfg)  # before any model is read: a missing key is found in a second
@@ -81,7 +83,8 @@ def generate_pairs(cfg: GenerateConfig) -> GenerateSummary:
             "format_version": FORMAT_VERSION,
             "prompts": {"source": str(cfg.prompts), "fingerprint": prompts.fingerprint, "rows": prompts.num_rows,
                         "prompt_format": cfg.prompt_format},
-            "sampling": asdict(cfg.sampling), "backend": backend, "backend_version": backend_version(backend),
+            "sampling": asdict(cfg.sampling), "backend": backend,
+            "backend_version": None if backend == "server" else backend_version(backend),
             "chunk_size": cfg.chunk_size,
             # hf draws a batch's samples from one RNG stream, so the batching is part of the result
             "batch_size": cfg.engine.batch_size if backend == "hf" else None,
@@ -148,8 +151,7 @@ def _check_flags(cfg: GenerateConfig) -> None:
     check_date(cfg.template_date)
     torch_dtype(cfg.dtype)
     check_device(cfg.engine.device)
-    if cfg.server_concurrency < 1:
-        raise DadpoError(f"--server-concurrency {cfg.server_concurrency}: must be at least 1")
+    check_server_flags(cfg.server_concurrency, cfg.server_timeout, cfg.server_retries)
 
 
 def _api_keys(cfg: GenerateConfig) -> dict:
@@ -176,8 +178,8 @@ def _describe(cfg: GenerateConfig, role: str, backend: str, date: str, key: tupl
                                        concurrency=cfg.server_concurrency, timeout_s=cfg.server_timeout,
                                        retries=cfg.server_retries)
         # the weights behind a server cannot be digested here: its model, version and length stand for them
-        return {"model": resolved, "server": server,
-                "record": {**record, "weights_digest": None, "dtype": "server", "server": server["record"]}}
+        return {"model": resolved, "server": server, "record": {**record, "weights_digest": None, "dtype": "server",
+                                                                "backend": "server", "server": server["record"]}}
     return {"model": resolved, "server": None, "record": {**record, "weights_digest": weights_digest(resolved),
                                                           "dtype": resolved_dtype(resolved, cfg.dtype)}}
 

@@ -149,8 +149,9 @@ def served_model_settings(url: str, tokenizer: ModelTokenizer, flag: str, *, api
     record = probe_server(url, tokenizer=tokenizer.tokenizer, max_length=None, where=f"{flag}-url",
                           tokenizer_name=f"{flag}'s tokenizer", timeout_s=timeout_s, retries=retries, api_key=api_key,
                           key_source=key_source or f"{flag}-api-key-env VAR")
-    return {"record": record, "api_key": api_key, "key_source": key_source, "concurrency": concurrency,
-            "timeout_s": timeout_s, "retries": retries, "where": f"{flag}-url"}
+    # "url" as given: a user:password@ in it is the server's credentials (sent as basic auth, never recorded)
+    return {"record": record, "url": url, "api_key": api_key, "key_source": key_source or f"{flag}-api-key-env VAR",
+            "concurrency": concurrency, "timeout_s": timeout_s, "retries": retries, "where": f"{flag}-url"}
 
 
 class ServedSampler:
@@ -168,7 +169,7 @@ class ServedSampler:
         from dadpo.scoring.client import Http
 
         record = server["record"]
-        self.http = Http(record["url"], timeout_s=server["timeout_s"], retries=server["retries"], backoff_s=1.0,
+        self.http = Http(server["url"], timeout_s=server["timeout_s"], retries=server["retries"], backoff_s=1.0,
                          where=server["where"], api_key=server["api_key"], key_source=server["key_source"])
         self.served_model, self.limit = record["served_model"], int(record["max_model_len"])
         self.concurrency, self.sampling, self.stream = server["concurrency"], sampling, stream

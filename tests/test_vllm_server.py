@@ -628,7 +628,8 @@ def test_greedy_through_a_server_is_the_plain_argmax_decode(served_greedy, vllm_
     teacher, student = settings["teacher"], settings["student"]
     assert teacher["server"]["url"] == vllm_server["url"] and teacher["server"]["served_model"] == vllm_server["model"]
     assert teacher["dtype"] == "server" and teacher["weights_digest"] is None
-    assert student.get("server") is None and student["weights_digest"] and settings["backend"] == "hf"
+    assert teacher["backend"] == "server" and settings["backend"] == "hf"  # hf: the student's engine
+    assert student.get("server") is None and student["weights_digest"]
     for path in served_greedy.parent.iterdir():  # the output and its sidecar
         assert vllm_server["api_key"].encode() not in path.read_bytes(), path
 
@@ -653,10 +654,33 @@ def test_sampling_through_a_server_is_seeded_per_prompt(served_greedy, vllm_serv
     greedy = {row["id"]: row["chosen_token_ids"] for row in read_rows(served_greedy)}
     assert sum(row["chosen_token_ids"] == greedy[row["id"]] for row in runs["a"]) <= 1
     assert sum(chosen != rejected for chosen, rejected in ids["a"]) >= len(ids["a"]) - 1  # two streams
-    assert read_generation_settings(tmp_path / "a.jsonl")["backend"] == "server"
+    settings = read_generation_settings(tmp_path / "a.jsonl")
+    assert settings["backend"] == "server" and settings["backend_version"] is None
+    assert settings["teacher"]["backend"] == settings["student"]["backend"] == "server"
+    elsewhere = vllm_server["url"].replace("127.0.0.1", "localhost")  # the same server, another address
     again = served_generate(gen_prompts, models, vllm_server, tmp_path / "a.jsonl",
-                            **{**common, "chunk_size": 5, "teacher_url": vllm_server["url"] + "/v1/"})
+                            **{**common, "chunk_size": 5, "teacher_url": elsewhere, "student_url": elsewhere})
     assert again.already_done
+
+
+@pytest.mark.vllm
+def test_the_server_does_hold_its_sampling_defaults(vllm_server, models):
+    """The control of the two tests above: a request that leaves the knobs out gets SERVER_DEFAULTS'
+    top_k 1, so two seeds draw the same tokens at temperature 1; with top_k given they do not."""
+    import urllib.request
+
+    prompt = AutoTokenizer.from_pretrained(models["teacher"]).encode("hello world the")
+
+    def draw(seed: int, **knobs) -> list[int]:
+        body = {"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": seed, "return_token_ids": True, **knobs}
+        request = urllib.request.Request(vllm_server["url"] + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {vllm_server['api_key']}"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return json.loads(answer.read())["choices"][0]["token_ids"]
+
+    assert draw(1) == draw(2)
+    assert draw(1, top_k=-1, top_p=1.0, min_p=0.0) != draw(2, top_k=-1, top_p=1.0, min_p=0.0)
 
 
 @pytest.mark.vllm
@@ -697,7 +721,30 @@ def test_generate_server_flags_bad_input_is_one_line(vllm_server, models, gen_pr
     line = assert_one_line_error(wrong, f"--student-url {vllm_server['url']}: ",
                                  "the server refused the key (from $DADPO_WRONG_KEY; 401")
     assert "sk-not-the-key" not in wrong.stdout + wrong.stderr, line
-    assert not list(tmp_path.glob("[abc].jsonl*")), list(tmp_path.iterdir())
+    retries = run_cli(*common, tmp_path / "d.jsonl", "--teacher-url", absent, "--server-retries", -1)
+    assert_one_line_error(retries, "--server-retries -1: must be at least 0")
+    timeout = run_cli(*common, tmp_path / "e.jsonl", "--teacher-url", absent, "--server-timeout", 0)
+    assert_one_line_error(timeout, "--server-timeout 0.0: must be a number of seconds above 0")
+    cache = run_cli("cache-teacher", "--pairs", gen_prompts, "--teacher", models["teacher"], "--reference",
+                    models["teacher"], "--teacher-url", absent, "--server-timeout", -1, "--out", tmp_path / "cache")
+    assert_one_line_error(cache, "--server-timeout -1.0: must be a number of seconds above 0")
+    assert not list(tmp_path.glob("[abcde].jsonl*")) and not (tmp_path / "cache").exists(), list(tmp_path.iterdir())
+
+
+@pytest.mark.vllm
+def test_generate_through_url_credentials_writes_them_nowhere(served_greedy, vllm_server, models, gen_prompts,
+                                                              tmp_path):
+    """--teacher-url http://user:password@proxy: every request (the start-up check's and the sampling's) goes
+    with them as basic auth; the pairs are the keyed server's, and the settings hold the URL without them."""
+    password = "pw-" + vllm_server["api_key"][:12]
+    out = tmp_path / "pairs.jsonl"
+    with basic_auth_proxy(vllm_server["url"], vllm_server["api_key"], "dadpo", password) as proxy:
+        with_credentials = proxy.replace("http://", f"http://dadpo:{password}@")
+        served_generate(gen_prompts, models, vllm_server, out, teacher_url=with_credentials, teacher_api_key_env=None)
+    assert read_rows(out) == read_rows(served_greedy)
+    assert read_generation_settings(out)["teacher"]["server"]["url"] == proxy
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or password.encode() not in path.read_bytes(), path
 
 
 @pytest.mark.vllm

@@ -46,6 +46,7 @@ from dadpo.ownership import ensure_owned
 from dadpo.pairs import load_pairs
 from dadpo.runner import run_passes
 from dadpo.scoring import BACKENDS
+from dadpo.scoring.client import check_server_flags
 from dadpo.tokenization import PROMPT_FORMATS, check_date
 
 
@@ -159,11 +160,10 @@ def _check_flags(cfg: CacheTeacherConfig) -> None:
     if cfg.prompt_format not in PROMPT_FORMATS:
         raise DadpoError(f"--prompt-format {cfg.prompt_format}: choose {' or '.join(PROMPT_FORMATS)}")
     for flag, value, least in (("--shard-size", cfg.shard_size, 1), ("--num-workers", cfg.num_workers, 1),
-                               ("--batch-size", cfg.engine.batch_size, 1), ("--server-concurrency",
-                                                                             cfg.server_concurrency, 1),
-                               ("--plan-workers", cfg.plan_workers, 0)):
+                               ("--batch-size", cfg.engine.batch_size, 1), ("--plan-workers", cfg.plan_workers, 0)):
         if value < least:
             raise DadpoError(f"{flag} {value}: must be at least {least}")
+    check_server_flags(cfg.server_concurrency, cfg.server_timeout, cfg.server_retries)
     if cfg.max_length is not None and cfg.max_length < 2:
         raise DadpoError(f"--max-length {cfg.max_length}: must be at least 2")
     if not 0 <= cfg.worker_index < cfg.num_workers:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import math
 import os
 import queue
 import re
@@ -90,6 +91,16 @@ def key_from_env(var: str, flag: str, name: str = "") -> tuple[str, str]:
     if not key:
         raise DadpoError(f"{given}{var}: the environment variable {var} is {'empty' if key == '' else 'not set'}")
     return key, f"${var}"
+
+
+def check_server_flags(concurrency: int, timeout_s: float, retries: int) -> None:
+    """--server-concurrency, --server-timeout, --server-retries: one line for a value the client cannot use."""
+    if concurrency < 1:
+        raise DadpoError(f"--server-concurrency {concurrency}: must be at least 1")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise DadpoError(f"--server-timeout {timeout_s}: must be a number of seconds above 0")
+    if retries < 0:
+        raise DadpoError(f"--server-retries {retries}: must be at least 0")
 
 
 def served_key(var: str, flag: str, name: str, url: str | None) -> tuple[str, str]:
