@@ -13,9 +13,8 @@ is their decoding. Work goes in chunks of `chunk_size` prompts, each written ato
 skips the chunks on disk, so a crash or a stop signal costs at most one chunk. Chunk k is sampled
 from a seed derived from (seed, role, k) (hf) or each prompt from (seed, role, id) (vllm, or a
 model served by vLLM: --teacher-url/--student-url), so an interrupted run gives the same pairs as an
-uninterrupted one. The settings (sampling, models,
-template variables, the pinned template date) travel in the output's Parquet metadata (key
-"dadpo.generate") and in the sidecar OUT.generate.json.
+uninterrupted one. The settings (sampling, models, template variables, the pinned template date)
+travel in the output's Parquet metadata (key "dadpo.generate") and in the sidecar OUT.generate.json.
 """
 
 from __future__ import annotations

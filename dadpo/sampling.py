@@ -24,6 +24,7 @@ from dadpo.engine import EngineOptions, build_llm, checkpoint_dtype, env_default
 from dadpo.errors import DadpoError
 from dadpo.modeling import ResolvedModel, max_positions, model_tokenizer, resolve_model
 from dadpo.config import Sampling
+from dadpo.scoring.client import Http, Refused, run_concurrently
 from dadpo.tokenization import ModelTokenizer, today
 
 
@@ -146,12 +147,13 @@ def served_model_settings(url: str, tokenizer: ModelTokenizer, flag: str, *, api
     settings. flag: the model's flag (--teacher), whose -url and -api-key-env flags messages name."""
     from dadpo.scoring.server import probe_server
 
+    key_source = key_source or f"{flag}-api-key-env VAR"  # without a key: the flag that would give one
     record = probe_server(url, tokenizer=tokenizer.tokenizer, max_length=None, where=f"{flag}-url",
                           tokenizer_name=f"{flag}'s tokenizer", timeout_s=timeout_s, retries=retries, api_key=api_key,
-                          key_source=key_source or f"{flag}-api-key-env VAR")
+                          key_source=key_source)
     # "url" as given: a user:password@ in it is the server's credentials (sent as basic auth, never recorded)
-    return {"record": record, "url": url, "api_key": api_key, "key_source": key_source or f"{flag}-api-key-env VAR",
-            "concurrency": concurrency, "timeout_s": timeout_s, "retries": retries, "where": f"{flag}-url"}
+    return {"record": record, "url": url, "api_key": api_key, "key_source": key_source, "concurrency": concurrency,
+            "timeout_s": timeout_s, "retries": retries, "where": f"{flag}-url"}
 
 
 class ServedSampler:
@@ -166,8 +168,6 @@ class ServedSampler:
     refused, never kept as if the model had been given room."""
 
     def __init__(self, server: dict, tokenizer: ModelTokenizer, sampling: Sampling, stream: str):
-        from dadpo.scoring.client import Http
-
         record = server["record"]
         self.http = Http(server["url"], timeout_s=server["timeout_s"], retries=server["retries"], backoff_s=1.0,
                          where=server["where"], api_key=server["api_key"], key_source=server["key_source"])
@@ -180,8 +180,6 @@ class ServedSampler:
             raise DadpoError(f"{where}: the prompt is {n} tokens, the server's max_model_len is {self.limit}")
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], ids: Sequence[str], chunk: int = 0) -> list[tuple[list[int], str]]:
-        from dadpo.scoring.client import run_concurrently
-
         results: list = [None] * len(prompt_ids)
 
         def received(done: list) -> None:
@@ -193,8 +191,6 @@ class ServedSampler:
         return results
 
     def _sample_one(self, prompt: Sequence[int], row_id: str, halt) -> tuple[list[int], str]:
-        from dadpo.scoring.client import Refused
-
         s = self.sampling
         max_tokens = min(s.max_new_tokens, self.limit - len(prompt))
         payload = {"model": self.served_model, "prompt": [int(t) for t in prompt], "n": 1,

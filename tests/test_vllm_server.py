@@ -724,10 +724,10 @@ def test_generate_server_flags_bad_input_is_one_line(vllm_server, models, gen_pr
     retries = run_cli(*common, tmp_path / "d.jsonl", "--teacher-url", absent, "--server-retries", -1)
     assert_one_line_error(retries, "--server-retries -1: must be at least 0")
     timeout = run_cli(*common, tmp_path / "e.jsonl", "--teacher-url", absent, "--server-timeout", 0)
-    assert_one_line_error(timeout, "--server-timeout 0.0: must be a number of seconds above 0")
+    assert_one_line_error(timeout, "--server-timeout 0.0: must be a positive number of seconds")
     cache = run_cli("cache-teacher", "--pairs", gen_prompts, "--teacher", models["teacher"], "--reference",
                     models["teacher"], "--teacher-url", absent, "--server-timeout", -1, "--out", tmp_path / "cache")
-    assert_one_line_error(cache, "--server-timeout -1.0: must be a number of seconds above 0")
+    assert_one_line_error(cache, "--server-timeout -1.0: must be a positive number of seconds")
     assert not list(tmp_path.glob("[abcde].jsonl*")) and not (tmp_path / "cache").exists(), list(tmp_path.iterdir())
 
 

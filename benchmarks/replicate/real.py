@@ -23,7 +23,6 @@ The micro replication (run.py) trains its teacher from scratch; this one distils
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import (chosen_settings, distill_all, evaluate, fresh_folder, judged, log, single_thread,  # noqa: E402
-                 timed, write_jsonl)
+from run import (chosen_settings, distill_all, evaluate, fresh_folder, judged, log,  # noqa: E402
+                 replication_parser, single_thread, timed, write_jsonl)
 
 FULL = dict(
     levels=[0.2, 0.5], seeds=[0, 1, 2],  # levels: the share of the teacher's decoder layers removed
@@ -147,15 +146,8 @@ def student_name(level: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="Work folder (models, pairs, caches, runs, results).")
-    parser.add_argument("--quick", action="store_true", help="One level, one seed, fewer prompts: checks the wiring.")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="(level, seed) jobs run in this many processes, one CPU thread each.")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
-                        help="Override a setting (see FULL), e.g. --set dpo_lr=2e-5; recorded in results.json.")
-    parser.add_argument("--write-results", action="store_true",
-                        help="Also write benchmarks/replicate/RESULTS-real.md and results-real.json.")
+    parser = replication_parser(__doc__, "One level, one seed, fewer prompts: checks the wiring.",
+                                "--set dpo_lr=2e-5", "benchmarks/replicate/RESULTS-real.md and results-real.json")
     args = parser.parse_args()
     settings = chosen_settings(parser, args, QUICK if args.quick else FULL)
     out = fresh_folder(Path(args.out))

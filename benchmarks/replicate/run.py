@@ -58,19 +58,26 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def replication_parser(description: str, quick: str, set_example: str, results: str) -> argparse.ArgumentParser:
+    """The flags of run.py and real.py: --out, --quick (help: quick), --workers, --set (its example:
+    set_example), --write-results (what it writes: results)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Work folder (models, pairs, caches, runs, results).")
-    parser.add_argument("--quick", action="store_true", help="Tiny settings, one seed: checks the wiring.")
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--workers", type=int, default=2,
                         help="(level, seed) jobs run in this many processes, one CPU thread each.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
+                        help=f"Override a setting (see FULL), e.g. {set_example}; recorded in results.json.")
+    parser.add_argument("--write-results", action="store_true", help=f"Also write {results}.")
+    return parser
+
+
+def main() -> None:
+    parser = replication_parser(__doc__, "Tiny settings, one seed: checks the wiring.",
+                                "--set dpo_lr=1e-4 --set seeds=[0,1]",
+                                "benchmarks/replicate/RESULTS.md and results.json (the full run's record)")
     parser.add_argument("--reuse-teacher", default=None,
                         help="Development only: take the teacher from an earlier --out instead of training it.")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
-                        help="Override a setting (see FULL), e.g. --set dpo_lr=1e-4 --set seeds=[0,1]; recorded in "
-                             "results.json.")
-    parser.add_argument("--write-results", action="store_true",
-                        help="Also write benchmarks/replicate/RESULTS.md and results.json (the full run's record).")
     args = parser.parse_args()
     settings = chosen_settings(parser, args, QUICK if args.quick else FULL)
     out = fresh_folder(Path(args.out))

@@ -27,6 +27,7 @@ from dadpo.eval.judges import JudgeRequest, LocalJudge, RewardJudge, ServedJudge
 from dadpo.eval.prompts import EvalPrompts, load_eval_prompts
 from dadpo.eval.results import build_summary, write_outputs
 from dadpo.eval.store import FORMAT, JudgmentStore, open_eval
+from dadpo.scoring.client import check_server_flags
 
 ORDERS = ("AB", "BA")  # AB: the model's response is answer A, the baseline's answer B
 
@@ -105,14 +106,12 @@ def _check_flags(cfg: EvalConfig) -> str:
         raise DadpoError(f"--judge-url {cfg.judge_url}: also give --judge-model (the name the server serves)")
     if cfg.judge_api_key_env and not cfg.judge_url:
         raise DadpoError("--judge-api-key-env: only for --judge-url")
-    for flag, value, least in (("--judge-retries", cfg.judge_retries, 0), ("--judge-concurrency",
-                               cfg.judge_concurrency, 1), ("--judge-max-new-tokens", cfg.judge_max_new_tokens, 1),
+    check_server_flags(cfg.judge_concurrency, cfg.judge_timeout, cfg.judge_retries, prefix="--judge")
+    for flag, value, least in (("--judge-max-new-tokens", cfg.judge_max_new_tokens, 1),
                                ("--bootstrap", cfg.bootstrap, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
                                ("--batch-size", cfg.engine.batch_size, 1)):
         if value < least:
             raise DadpoError(f"{flag} {value}: must be at least {least}")
-    if not (cfg.judge_timeout > 0 and math.isfinite(cfg.judge_timeout)):
-        raise DadpoError(f"--judge-timeout {cfg.judge_timeout}: must be a positive number of seconds")
     if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
         raise DadpoError(f"--temperature {cfg.temperature}: must be >= 0 (0 is greedy decoding)")
     if cfg.lm_eval_limit is not None and cfg.lm_eval_limit < 1:

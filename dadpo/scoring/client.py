@@ -93,14 +93,15 @@ def key_from_env(var: str, flag: str, name: str = "") -> tuple[str, str]:
     return key, f"${var}"
 
 
-def check_server_flags(concurrency: int, timeout_s: float, retries: int) -> None:
-    """--server-concurrency, --server-timeout, --server-retries: one line for a value the client cannot use."""
+def check_server_flags(concurrency: int, timeout_s: float, retries: int, prefix: str = "--server") -> None:
+    """PREFIX-concurrency, PREFIX-timeout, PREFIX-retries (--server-..., eval's --judge-...): one line
+    for a value the client cannot use."""
     if concurrency < 1:
-        raise DadpoError(f"--server-concurrency {concurrency}: must be at least 1")
+        raise DadpoError(f"{prefix}-concurrency {concurrency}: must be at least 1")
     if not (math.isfinite(timeout_s) and timeout_s > 0):
-        raise DadpoError(f"--server-timeout {timeout_s}: must be a number of seconds above 0")
+        raise DadpoError(f"{prefix}-timeout {timeout_s}: must be a positive number of seconds")
     if retries < 0:
-        raise DadpoError(f"--server-retries {retries}: must be at least 0")
+        raise DadpoError(f"{prefix}-retries {retries}: must be at least 0")
 
 
 def served_key(var: str, flag: str, name: str, url: str | None) -> tuple[str, str]:
